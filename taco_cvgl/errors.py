@@ -1,0 +1,13 @@
+"""Exceptions that carry a message meant for the user, not a stack trace."""
+
+
+class TacoError(Exception):
+    """Base class for every error taco_cvgl reports to a user."""
+
+
+class InputError(TacoError):
+    """An input file or message is missing, unreadable or malformed."""
+
+
+class MismatchError(TacoError):
+    """A model and a database (or two configs) that must agree do not."""
