@@ -1,0 +1,311 @@
+"""ImageRetrievalModel: ConvNeXt-Tiny -> pooling -> projection head -> L2-normalised embedding.
+
+Weights are saved without pickle (safetensors, with the `ModelConfig` and a fingerprint in the
+header), so a weights file can be loaded safely from anywhere. The fingerprint is a hash of the
+config and every parameter: a database stores it and refuses a model that would embed differently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from taco_cvgl.config import ModelConfig
+from taco_cvgl.errors import InputError, MismatchError, TacoError
+from taco_cvgl.preprocess import prepare_batch
+
+BACKBONE_CHANNELS = {'convnext_tiny': 768}
+PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenovic et al.) with a learnable exponent p."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool Bx C x H x W to B x C."""
+        p = self.p.clamp(min=1.0)
+        return x.clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+def imagenet_weights_path() -> Path:
+    """Return where torchvision caches the ImageNet ConvNeXt-Tiny weights on this machine."""
+    url = torchvision.models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(url)
+
+
+def load_backbone_state(source: str) -> dict:
+    """Return a torchvision convnext_tiny state dict from 'imagenet' or a local file.
+
+    'imagenet' uses torchvision's cache (downloading into it when the network allows); where the
+    download cannot happen, the error says which file to place where.
+    """
+    if source == 'imagenet':
+        cached = imagenet_weights_path()
+        if cached.is_file():
+            return _load_state_file(cached)
+        weights = torchvision.models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1
+        try:
+            return weights.get_state_dict(progress=True, check_hash=True)
+        except Exception as exc:  # urllib, socket and hash errors all mean "not available"
+            raise TacoError(
+                f'cannot download the ImageNet weights for ConvNeXt-Tiny ({exc.__class__.__name__}:'
+                f' {exc}). On a machine with internet run once: python -c "import torchvision; '
+                f"torchvision.models.convnext_tiny(weights='IMAGENET1K_V1')\", or copy "
+                f'{os.path.basename(weights.url)} (from {weights.url}) to {cached}, or pass a '
+                f'local file as the backbone weights, or use none to start from random weights.'
+            ) from None
+    return _load_state_file(Path(source))
+
+
+def _load_state_file(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f'backbone weights file not found: {path}')
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as exc:
+        raise InputError(f'cannot read backbone weights {path}: {exc}') from None
+    return state.get('state_dict', state) if isinstance(state, dict) else state
+
+
+class ImageRetrievalModel(nn.Module):
+    """ConvNeXt-Tiny embedder producing L2-normalised vectors of `config.embedding_dim`."""
+
+    def __init__(self, config: Optional[ModelConfig] = None,
+                 backbone_weights: Optional[str] = None):
+        """Build the network; backbone_weights is None, 'imagenet' or a path to a state dict."""
+        super().__init__()
+        self.config = config or ModelConfig()
+        channels = BACKBONE_CHANNELS[self.config.backbone]
+        convnext = torchvision.models.convnext_tiny(weights=None)
+        if backbone_weights not in (None, '', 'none'):
+            state = load_backbone_state(backbone_weights)
+            missing, unexpected = convnext.load_state_dict(state, strict=False)
+            if any(k.startswith('features.') for k in missing):
+                raise InputError(
+                    f'backbone weights {backbone_weights} are not a ConvNeXt-Tiny state dict '
+                    f'(missing {len(missing)} keys such as {missing[0]})')
+        self.backbone = convnext.features
+        # The ImageNet classifier's LayerNorm follows the pooling; keep it, with its weights.
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        classifier_norm = convnext.classifier[0]
+        self.norm.load_state_dict({'weight': classifier_norm.weight.reshape(-1),
+                                   'bias': classifier_norm.bias.reshape(-1)})
+        self.pool = GeM(self.config.gem_p) if self.config.pooling == 'gem' else None
+        hidden = self.config.head_hidden_dim
+        self.head = nn.Sequential(
+            nn.Linear(channels, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(self.config.dropout),
+            nn.Linear(hidden, self.config.embedding_dim),
+        )
+        self.device = torch.device('cpu')
+        self.precision = 'fp32'
+
+    # ----------------------------------------------------------------------------- network
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a normalised batch Bx3xHxW to L2-normalised embeddings BxD."""
+        features = self.backbone(x)
+        pooled = features.mean(dim=(2, 3)) if self.pool is None else self.pool(features)
+        embedding = self.head(self.norm(pooled))
+        return F.normalize(embedding.float(), dim=1)
+
+    # ----------------------------------------------------------------------------- runtime
+    def to_runtime(self, device: str = 'auto', precision: str = 'auto') -> 'ImageRetrievalModel':
+        """Move to a device for inference: eval mode, channels_last and an autocast precision.
+
+        device 'auto' picks CUDA when present. precision 'auto' is fp16 autocast on CUDA and fp32
+        on CPU (bf16 on CPU is faster where the CPU supports it; choose it explicitly).
+        """
+        if device == 'auto':
+            device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if device.startswith('cuda') and not torch.cuda.is_available():
+            raise TacoError(f'device {device!r} requested but CUDA is not available here')
+        if precision not in PRECISIONS:
+            raise InputError(f'precision must be one of {PRECISIONS}, got {precision!r}')
+        self.device = torch.device(device)
+        if precision == 'auto':
+            precision = 'fp16' if self.device.type == 'cuda' else 'fp32'
+        if precision == 'fp16' and self.device.type == 'cpu':
+            raise InputError('fp16 autocast is for CUDA; on CPU use bf16 or fp32')
+        self.precision = precision
+        self.to(self.device, memory_format=torch.channels_last)
+        return self.eval()
+
+    def _autocast(self):
+        if self.precision == 'fp32':
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == 'fp16' else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """Embed an already-normalised batch on the model's device; returns float32 BxD."""
+        batch = batch.to(self.device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last)
+        with self._autocast():
+            return self(batch)
+
+    def encode_batch(self, images: Sequence, batch_size: int = 32, color_order: str = 'rgb',
+                     keep_on_device: bool = False) -> torch.Tensor:
+        """Embed images (numpy HxWx3 uint8, PIL images or 3xHxW tensors) -> float32 NxD."""
+        if self.training:
+            raise TacoError('encode_batch needs eval mode: call model.to_runtime() or .eval()')
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            batch = prepare_batch(images[start:start + batch_size], self.config, self.device,
+                                  color_order)
+            out = self.embed_tensor(batch)
+            chunks.append(out if keep_on_device else out.cpu())
+        if not chunks:
+            return torch.empty((0, self.config.embedding_dim))
+        return torch.cat(chunks)
+
+    def encode_image(self, image, color_order: str = 'rgb') -> torch.Tensor:
+        """Embed one image -> float32 vector of length D (on the CPU)."""
+        return self.encode_batch([image], color_order=color_order)[0]
+
+    @staticmethod
+    def compute_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity between rows of a (NxD or D) and rows of b (MxD) -> NxM (or M)."""
+        a = torch.as_tensor(a, dtype=torch.float32)
+        b = torch.as_tensor(b, dtype=torch.float32).to(a.device)
+        single = a.ndim == 1
+        sim = F.normalize(a.reshape(-1, a.shape[-1]), dim=1) @ F.normalize(b, dim=1).T
+        return sim[0] if single else sim
+
+    @classmethod
+    def retrieve_similar(cls, query, database, top_k: int = 5
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return (indices, similarities) of the top_k database rows most similar to query."""
+        sim = cls.compute_similarity(query, database)
+        k = min(int(top_k), sim.shape[-1])
+        values, indices = torch.topk(sim, k, dim=-1)
+        return indices, values
+
+    # ----------------------------------------------------------------------------- identity
+    def fingerprint(self) -> str:
+        """Return a hash of the config and every parameter and buffer (as float32 bytes)."""
+        digest = hashlib.blake2b(self.config.to_json().encode(), digest_size=16)
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            if tensor.dtype.is_floating_point:
+                tensor = tensor.float()
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    # ----------------------------------------------------------------------------- files
+    def save(self, path: Union[str, Path], dtype: str = 'fp16') -> str:
+        """Write safetensors weights (fp16 or fp32) atomically; return the loaded fingerprint.
+
+        The returned fingerprint is that of the model as `load` will rebuild it (fp16 rounding
+        included), which is what a database built from this file will record.
+        """
+        from safetensors.torch import save_file
+        if dtype not in ('fp16', 'fp32'):
+            raise InputError(f"weights dtype must be 'fp16' or 'fp32', got {dtype!r}")
+        store = torch.float16 if dtype == 'fp16' else torch.float32
+        state = {}
+        for name, tensor in self.state_dict().items():
+            tensor = tensor.detach().cpu()
+            if tensor.dtype.is_floating_point:
+                tensor = tensor.to(store)
+            state[name] = tensor.contiguous()
+        rebuilt = ImageRetrievalModel(self.config)
+        rebuilt.load_state_dict({k: v.float() if v.dtype.is_floating_point else v
+                                 for k, v in state.items()})
+        fingerprint = rebuilt.fingerprint()
+        metadata = {'format': 'taco_cvgl.weights/1', 'config': self.config.to_json(),
+                    'fingerprint': fingerprint, 'dtype': dtype}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+        try:
+            save_file(state, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return fingerprint
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device: str = 'auto',
+             precision: str = 'auto') -> 'ImageRetrievalModel':
+        """Load weights written by `save` (or a Lightning checkpoint) ready for inference."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f'weights file not found: {path}')
+        if path.suffix == '.ckpt':
+            return cls.load_from_checkpoint(path, device, precision)
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework='pt') as handle:
+                metadata = handle.metadata() or {}
+                state = {k: handle.get_tensor(k) for k in handle.keys()}
+        except Exception as exc:
+            raise InputError(f'cannot read weights {path}: {exc} (is it a taco_cvgl '
+                             f'.safetensors file, complete and not truncated?)') from None
+        if 'config' not in metadata:
+            raise InputError(f'weights {path} carry no taco_cvgl model config in their header')
+        model = cls(ModelConfig.from_json(metadata['config']))
+        model._load_state(state, path)
+        fingerprint = model.fingerprint()
+        if metadata.get('fingerprint') and metadata['fingerprint'] != fingerprint:
+            raise MismatchError(f'weights {path} are corrupt: their fingerprint does not match')
+        model._fingerprint_at_load = fingerprint
+        return model.to_runtime(device, precision)
+
+    @classmethod
+    def load_from_checkpoint(cls, path: Union[str, Path], device: str = 'auto',
+                             precision: str = 'auto') -> 'ImageRetrievalModel':
+        """Load the embedder from a Lightning checkpoint written by `taco-cvgl train`."""
+        path = Path(path)
+        try:
+            ckpt = torch.load(str(path), map_location='cpu', weights_only=True)
+        except Exception as exc:
+            raise InputError(f'cannot read checkpoint {path}: {exc}') from None
+        hparams = ckpt.get('hyper_parameters', {})
+        config_json = hparams.get('model_config')
+        if config_json is None:
+            raise InputError(f'checkpoint {path} has no model_config hyper-parameter; '
+                             f'was it written by taco-cvgl train?')
+        config = ModelConfig.from_json(config_json if isinstance(config_json, str)
+                                       else json.dumps(config_json))
+        prefix = 'model.'
+        state = {k[len(prefix):]: v for k, v in ckpt['state_dict'].items()
+                 if k.startswith(prefix)}
+        model = cls(config)
+        model._load_state(state, path)
+        return model.to_runtime(device, precision)
+
+    def _load_state(self, state: dict, path: Path) -> None:
+        state = {k: v.float() if v.dtype.is_floating_point else v for k, v in state.items()}
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise MismatchError(f'weights {path} do not fit the model in their config: '
+                                f'{first}') from None
+
+
+def embeddings_to_numpy(tensor: torch.Tensor, dtype=np.float32) -> np.ndarray:
+    """Return a C-contiguous numpy copy of an embedding tensor."""
+    return np.ascontiguousarray(tensor.detach().float().cpu().numpy().astype(dtype, copy=False))
