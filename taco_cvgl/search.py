@@ -1,0 +1,134 @@
+"""Top-k cosine search over L2-normalised embeddings: exact (torch) or approximate (faiss).
+
+Exact search is a matrix product and a top-k on the GPU (fp16) or CPU (fp32), in chunks so the
+similarity matrix never exceeds a few hundred MB. For databases of millions on a CPU, a faiss
+HNSW graph or IVF-PQ index answers in milliseconds; IVF-PQ also stores each vector in `pq_bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from taco_cvgl.errors import InputError
+
+INDEX_KINDS = ('auto', 'exact', 'hnsw', 'ivfpq')
+# 'auto' switches to an approximate index above this many entries on the CPU.
+AUTO_APPROXIMATE_ABOVE = 200_000
+
+
+class ExactIndex:
+    """Brute-force inner-product top-k with torch, on a device."""
+
+    # Largest queries x entries block of similarities computed at once (entries).
+    max_block = 64_000_000
+
+    def __init__(self, embeddings: np.ndarray, device: str = 'cpu'):
+        """Hold the database matrix on `device` (fp16 on CUDA, fp32 on CPU)."""
+        self.device = torch.device(device)
+        dtype = torch.float16 if self.device.type == 'cuda' else torch.float32
+        self.matrix = torch.from_numpy(np.ascontiguousarray(embeddings)).to(self.device, dtype)
+
+    def __len__(self) -> int:
+        """Return the number of database entries."""
+        return self.matrix.shape[0]
+
+    @torch.inference_mode()
+    def search(self, queries, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Return (indices QxK int64, similarities QxK float32)."""
+        q = torch.as_tensor(queries).to(self.device, self.matrix.dtype)
+        q = q.reshape(-1, self.matrix.shape[1])
+        k = min(int(k), len(self))
+        chunk = max(1, self.max_block // max(1, q.shape[0]))
+        best_val, best_idx = None, None
+        for start in range(0, len(self), chunk):
+            sim = q @ self.matrix[start:start + chunk].T
+            val, idx = torch.topk(sim, min(k, sim.shape[1]), dim=1)
+            idx = idx + start
+            if best_val is not None:
+                val = torch.cat([best_val, val], dim=1)
+                idx = torch.cat([best_idx, idx], dim=1)
+                val, order = torch.topk(val, k, dim=1)
+                idx = torch.gather(idx, 1, order)
+            best_val, best_idx = val, idx
+        return best_idx.cpu().numpy().astype(np.int64), best_val.float().cpu().numpy()
+
+
+class FaissIndex:
+    """Approximate inner-product search with faiss (HNSW or IVF-PQ), on the CPU."""
+
+    def __init__(self, embeddings: np.ndarray, kind: str = 'hnsw', pq_bytes: int = 64,
+                 nprobe: int = 16, ef_search: int = 128, seed: int = 0):
+        """Build the index; IVF-PQ trains its quantisers on (a sample of) the embeddings."""
+        import faiss
+        data = np.ascontiguousarray(embeddings, dtype=np.float32)
+        n, dim = data.shape
+        if kind == 'hnsw':
+            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            index.hnsw.efSearch = ef_search
+        elif kind == 'ivfpq':
+            if dim % pq_bytes:
+                raise InputError(f'ivfpq: embedding dim {dim} is not divisible by pq_bytes '
+                                 f'{pq_bytes}')
+            nlist = int(max(1, min(4 * math.sqrt(n), n // 39)))
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_bytes, 8,
+                                     faiss.METRIC_INNER_PRODUCT)
+            if n < 256 * 39:
+                raise InputError(f'ivfpq needs at least {256 * 39} entries to train, got {n}; '
+                                 f"use 'exact' or 'hnsw'")
+            rng = np.random.default_rng(seed)
+            sample = data[rng.choice(n, size=min(n, 100_000), replace=False)]
+            index.train(sample)
+            index.nprobe = nprobe
+        else:
+            raise InputError(f"faiss index kind must be 'hnsw' or 'ivfpq', got {kind!r}")
+        index.add(data)
+        self.index = index
+        self.kind = kind
+
+    def __len__(self) -> int:
+        """Return the number of database entries."""
+        return self.index.ntotal
+
+    def search(self, queries, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Return (indices QxK int64, similarities QxK float32)."""
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy()
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(
+            -1, self.index.d))
+        sim, idx = self.index.search(q, min(int(k), len(self)))
+        return idx.astype(np.int64), sim.astype(np.float32)
+
+
+def make_index(embeddings: np.ndarray, kind: str = 'auto', device: str = 'cpu',
+               **options) -> object:
+    """Return a search index over `embeddings` of the given kind (see INDEX_KINDS)."""
+    if kind not in INDEX_KINDS:
+        raise InputError(f'index kind must be one of {INDEX_KINDS}, got {kind!r}')
+    if len(embeddings) == 0:
+        raise InputError('cannot search an empty database')
+    if kind == 'auto':
+        big = len(embeddings) > AUTO_APPROXIMATE_ABOVE and not device.startswith('cuda')
+        kind = 'hnsw' if big else 'exact'
+    if kind == 'exact':
+        return ExactIndex(embeddings, device)
+    return FaissIndex(embeddings, kind, **options)
+
+
+def brute_force_topk(queries: np.ndarray, embeddings: np.ndarray, k: int,
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """Return the exact top-k by numpy (reference for tests; ties broken by lower index)."""
+    sim = np.asarray(queries, np.float64) @ np.asarray(embeddings, np.float64).T
+    order = np.argsort(-sim, axis=1, kind='stable')[:, :k]
+    return order, np.take_along_axis(sim, order, axis=1)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: Optional[int] = None) -> float:
+    """Return the share of rows whose exact top-1 appears in the first k found indices."""
+    k = found.shape[1] if k is None else k
+    return float(np.mean([truth[i, 0] in found[i, :k] for i in range(len(found))]))

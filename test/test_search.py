@@ -1,0 +1,57 @@
+"""Exact and approximate search against a numpy brute force."""
+
+import numpy as np
+import pytest
+
+from taco_cvgl.errors import InputError
+from taco_cvgl.search import (ExactIndex, FaissIndex, brute_force_topk, make_index,
+                              recall_at_k)
+
+
+def unit_rows(n, d, seed):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_exact_index_equals_brute_force_across_chunks():
+    db = unit_rows(3000, 64, 0)
+    queries = unit_rows(40, 64, 1)
+    index = ExactIndex(db, 'cpu')
+    found, sims = index.search(queries, 10)
+    truth, truth_sims = brute_force_topk(queries, db, 10)
+    assert np.array_equal(found, truth)
+    assert np.allclose(sims, truth_sims, atol=1e-5)
+    # Force many small blocks: merging the top-k across blocks must give the same answer.
+    index.max_block = 40 * 7
+    found_small, sims_small = index.search(queries, 10)
+    assert np.array_equal(found_small, truth)
+    assert np.allclose(sims_small, truth_sims, atol=1e-5)
+
+
+def test_hnsw_recall_is_high():
+    db = unit_rows(5000, 64, 2)
+    queries = db[:200] + 0.05 * unit_rows(200, 64, 3)
+    truth, _ = brute_force_topk(queries, db, 10)
+    found, sims = FaissIndex(db, 'hnsw').search(queries, 10)
+    assert recall_at_k(found, truth, 1) >= 0.98
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)  # sorted by decreasing similarity
+
+
+def test_ivfpq_finds_the_true_neighbour_among_its_candidates():
+    db = unit_rows(10000, 64, 4)
+    queries = db[:300] + 0.1 * unit_rows(300, 64, 5)
+    truth, _ = brute_force_topk(queries, db, 1)
+    found, _ = FaissIndex(db, 'ivfpq', pq_bytes=16, nprobe=32).search(queries, 10)
+    assert recall_at_k(found, truth, 10) >= 0.9
+
+
+def test_make_index_choices_and_errors():
+    db = unit_rows(100, 16, 6)
+    assert isinstance(make_index(db, 'auto'), ExactIndex)
+    assert isinstance(make_index(db, 'hnsw'), FaissIndex)
+    with pytest.raises(InputError, match='empty'):
+        make_index(db[:0], 'exact')
+    with pytest.raises(InputError, match='index kind'):
+        make_index(db, 'lsh')
+    with pytest.raises(InputError, match='at least'):
+        make_index(db, 'ivfpq', pq_bytes=8)
