@@ -1,0 +1,92 @@
+"""Shared fixtures: real Landsat-8 imagery and a small map built from it."""
+
+import csv
+import os
+import random
+import types
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from taco_cvgl.config import ModelConfig
+from taco_cvgl.embedder import ImageRetrievalModel
+
+# Camera-sized crops (height, width) cut from the scene for the map and the node tests.
+PLACE_SHAPE = (480, 640)
+
+
+@pytest.fixture(scope='session')
+def scene():
+    """The demo's Landsat-8 scene (fetched once by `make setup`, cached)."""
+    from taco_cvgl.demo.scene import load_scene
+    return load_scene()
+
+
+def place_centres(scene, count, shape=PLACE_SHAPE, min_apart_px=250, seed=0):
+    """Return `count` pixel centres (col, row), min_apart_px apart, whose crop is fully valid."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    centres = []
+    for _ in range(10000):
+        col = int(rng.integers(w // 2, scene.width - w // 2))
+        row = int(rng.integers(h // 2, scene.height - h // 2))
+        window = scene.valid[row - h // 2:row + h // 2, col - w // 2:col + w // 2]
+        if window.all() and all(np.hypot(col - c, row - r) >= min_apart_px
+                                for c, r in centres):
+            centres.append((col, row))
+            if len(centres) == count:
+                return centres
+    raise RuntimeError(f'the scene has no room for {count} places {min_apart_px} px apart')
+
+
+@pytest.fixture(scope='session')
+def small_map(scene, tmp_path_factory):
+    """A random-init 64 px model and a database of 8 real 640x480 places (JPEG + CSV).
+
+    `.places` holds (rgb image, latitude, longitude) per place; each place's own image
+    retrieves itself first.
+    """
+    root = tmp_path_factory.mktemp('small_map')
+    torch.manual_seed(0)
+    random.seed(0)
+    model = ImageRetrievalModel(ModelConfig(input_size=(64, 64))).to_runtime('cpu', 'fp32')
+    weights = root / 'weights.safetensors'
+    model.save(weights)
+    images_dir = root / 'images'
+    images_dir.mkdir()
+    h, w = PLACE_SHAPE
+    places = []
+    with open(images_dir / 'places.csv', 'w', newline='') as handle:
+        writer = csv.writer(handle)
+        writer.writerow(['image_path', 'latitude', 'longitude', 'heading'])
+        for i, (col, row) in enumerate(place_centres(scene, 8)):
+            rgb = np.ascontiguousarray(scene.rgb[row - h // 2:row + h // 2,
+                                                 col - w // 2:col + w // 2])
+            lat, lon = scene.pixel_to_latlon(col - 0.5, row - 0.5)
+            name = f'place_{i:02d}.png'
+            cv2.imwrite(str(images_dir / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            writer.writerow([name, f'{float(lat):.8f}', f'{float(lon):.8f}', '0'])
+            places.append((rgb, float(lat), float(lon)))
+    from taco_cvgl.tools.build_db import build_db
+    db = root / 'map.npz'
+    build_db(db, weights, images=images_dir, csv=images_dir / 'places.csv', device='cpu',
+             precision='fp32', progress=False)
+    return types.SimpleNamespace(weights=weights, db=db, images_dir=images_dir,
+                                 csv=images_dir / 'places.csv', places=places)
+
+
+@pytest.fixture
+def ros_domain_id(monkeypatch):
+    """A ROS_DOMAIN_ID of this test's own, so concurrent test runs do not hear each other."""
+    domain = str(random.SystemRandom().randint(1, 100))
+    monkeypatch.setenv('ROS_DOMAIN_ID', domain)
+    return domain
+
+
+def env_with(**extra):
+    """Return os.environ plus extra variables (for subprocesses)."""
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
