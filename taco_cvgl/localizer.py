@@ -1,0 +1,282 @@
+"""CVGLLocalizer: image in, GPS measurement out. The one object the node, the tools and tests use."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from taco_cvgl.database import EmbeddingDatabase
+from taco_cvgl.embedder import ImageRetrievalModel
+from taco_cvgl.errors import InputError, TacoError
+from taco_cvgl.estimate import estimate_pose, EstimatorConfig, PoseEstimate
+from taco_cvgl.geodesy import from_enu, to_enu, wrap_degrees
+from taco_cvgl.preprocess import to_rgb_array
+from taco_cvgl.rerank import (offset_to_enu, Reranker, RerankConfig, Verification,
+                              verified_position_sigma_m)
+from taco_cvgl.search import make_index
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalizerConfig:
+    """How many neighbours to retrieve, which index to search them in, and the estimate."""
+
+    top_k: int = 10
+    index: str = 'auto'
+    estimator: EstimatorConfig = EstimatorConfig()
+    rerank: Optional[RerankConfig] = None  # None: retrieval only
+    # Motion prior (needs rerank): also verify the database places within this radius of the
+    # last verified fix, if it is at most prior_max_age_s old. 0 disables it.
+    prior_radius_m: float = 0.0
+    prior_max_age_s: float = 30.0
+    prior_candidates: int = 10
+
+    def __post_init__(self):
+        """Refuse a top_k below 1."""
+        if int(self.top_k) < 1:
+            raise InputError(f'top_k must be >= 1, got {self.top_k}')
+        if self.prior_radius_m < 0 or self.prior_max_age_s < 0 or self.prior_candidates < 0:
+            raise InputError('prior_radius_m, prior_max_age_s and prior_candidates must be >= 0')
+        if self.prior_radius_m > 0 and self.rerank is None:
+            raise InputError('the motion prior (prior_radius_m > 0) needs re-ranking enabled: '
+                             'only a geometric check can accept a place the retrieval missed')
+
+
+@dataclasses.dataclass
+class Match:
+    """One retrieved database entry."""
+
+    index: int
+    image_id: str
+    latitude: float
+    longitude: float
+    heading: float
+    similarity: float
+
+
+@dataclasses.dataclass
+class Measurement:
+    """A GPS measurement from one image.
+
+    position_covariance is 3x3 in ENU (m^2) around the estimate; heading in degrees clockwise from
+    north (NaN when the database has no headings), heading_variance in rad^2. fix is False when
+    the confidence is below the threshold: such a measurement must not be used as a position.
+    """
+
+    timestamp: Optional[float]
+    fix: bool
+    latitude: float
+    longitude: float
+    altitude: float
+    heading: float
+    heading_variance: float
+    position_covariance: np.ndarray
+    confidence: float
+    matches: List[Match]
+    latency_s: float = 0.0
+    verified: Optional[bool] = None   # geometric check passed (None: no check configured)
+    inliers: int = 0
+
+    def to_dict(self) -> dict:
+        """Return a JSON-ready dict (covariance flattened row-major, 9 numbers)."""
+        def num(value):
+            return float(value) if math.isfinite(value) else None
+        return {
+            'timestamp': self.timestamp,
+            'fix': bool(self.fix),
+            'latitude': self.latitude,
+            'longitude': self.longitude,
+            'altitude': self.altitude,
+            'heading': num(self.heading),
+            'heading_variance': num(self.heading_variance),
+            'position_covariance': [float(v) for v in self.position_covariance.reshape(-1)],
+            'confidence': self.confidence,
+            'latency_s': self.latency_s,
+            'verified': self.verified,
+            'inliers': self.inliers,
+            'top_k': [{'index': m.index, 'image_id': m.image_id, 'latitude': m.latitude,
+                       'longitude': m.longitude, 'heading': num(m.heading),
+                       'similarity': m.similarity} for m in self.matches],
+        }
+
+
+class CVGLLocalizer:
+    """Embed an image, search the map database, estimate a pose."""
+
+    def __init__(self, model: ImageRetrievalModel, config: LocalizerConfig = LocalizerConfig()):
+        """Wrap a model already placed on its runtime device (see ImageRetrievalModel.load)."""
+        self.model = model
+        self.config = config
+        self.database: Optional[EmbeddingDatabase] = None
+        self.index = None
+        self.reranker: Optional[Reranker] = None
+        self._enu = None          # database places in a local ENU frame (for the prior)
+        self._last_fix = None     # (east, north, timestamp) of the last verified fix
+        self._fingerprint = getattr(model, '_fingerprint_at_load', None) or model.fingerprint()
+
+    @classmethod
+    def from_files(cls, weights, database, device: str = 'auto', precision: str = 'auto',
+                   config: LocalizerConfig = LocalizerConfig()) -> 'CVGLLocalizer':
+        """Load weights and a database (checked against each other) and warm up."""
+        localizer = cls(ImageRetrievalModel.load(weights, device, precision), config)
+        localizer.load_map(database)
+        localizer.warm_up()
+        return localizer
+
+    def load_map(self, path) -> EmbeddingDatabase:
+        """Load a database built by the same model and build its search index."""
+        db = EmbeddingDatabase.load(path)
+        db.check_model(self._fingerprint, self.model.config, str(path))
+        index_device = str(self.model.device) if self.config.index in ('auto', 'exact') else 'cpu'
+        self.index = make_index(db.embeddings, self.config.index, device=index_device)
+        self.reranker = self._make_reranker(db, path) if self.config.rerank else None
+        self.database = db
+        self._origin = (float(np.mean(db.latitude)), float(np.mean(db.longitude)))
+        self._enu = to_enu(*self._origin, db.latitude, db.longitude)
+        self._last_fix = None
+        return db
+
+    def _make_reranker(self, db: EmbeddingDatabase, path) -> Reranker:
+        from taco_cvgl.image_codec import load_image_file
+        missing = [p for p in db.image_ids if not os.path.isfile(p)]
+        if missing:
+            raise InputError(f'geometric re-ranking needs the database images, but '
+                             f'{len(missing)} of {len(db)} listed in {path} are missing '
+                             f'(e.g. {missing[0]}); disable re-ranking or restore them')
+        return Reranker(lambda i: load_image_file(db.image_ids[i]), self.config.rerank)
+
+    def warm_up(self, sizes=((480, 640),)) -> None:
+        """Run the model once per input size so the first real frame is not slow."""
+        for h, w in sizes:
+            self.model.encode_batch([np.zeros((h, w, 3), np.uint8)])
+        if self.index is not None:
+            self.index.search(np.zeros((1, self.model.config.embedding_dim), np.float32), 1)
+
+    def localize(self, image, timestamp: Optional[float] = None, color_order: str = 'rgb',
+                 camera_yaw_deg: float = 0.0) -> Measurement:
+        """Localize one image (numpy HxWx3 uint8, PIL image or tensor)."""
+        return self.localize_batch([image], [timestamp], [camera_yaw_deg], color_order)[0]
+
+    def localize_batch(self, images: Sequence, timestamps: Optional[Sequence] = None,
+                       camera_yaws_deg: Optional[Sequence[float]] = None,
+                       color_order: str = 'rgb') -> List[Measurement]:
+        """Localize several images (e.g. one per camera) in one batch on the device.
+
+        camera_yaws_deg: each camera's mounting yaw relative to the robot's forward axis,
+        counter-clockwise positive (REP-103); the returned heading is the robot's.
+        """
+        if self.database is None:
+            raise TacoError('no map loaded: call load_map(path) first')
+        n = len(images)
+        timestamps = list(timestamps) if timestamps is not None else [None] * n
+        yaws = list(camera_yaws_deg) if camera_yaws_deg is not None else [0.0] * n
+        start = time.perf_counter()
+        queries = self.model.encode_batch(list(images), batch_size=max(1, n),
+                                          color_order=color_order,
+                                          keep_on_device=self.model.device.type == 'cuda')
+        indices, sims = self.index.search(queries, self.config.top_k)
+        out = []
+        for i in range(n):
+            verification = None
+            candidates, cand_sims = indices[i], sims[i]
+            if self.reranker is not None:
+                prior, prior_sims = self._prior(queries[i], candidates, timestamps[i])
+                features = self.reranker.query_features(to_rgb_array(images[i], color_order))
+                checked = list(candidates[:self.config.rerank.candidates]) + list(prior)
+                verification = self.reranker.verify(features, checked)
+                candidates = np.concatenate([candidates, prior]).astype(np.int64)
+                cand_sims = np.concatenate([cand_sims, prior_sims])
+            measurement = self._measure(candidates, cand_sims, timestamps[i], yaws[i],
+                                        verification)
+            if measurement.fix and measurement.verified:
+                east, north = to_enu(*self._origin, measurement.latitude,
+                                     measurement.longitude)
+                self._last_fix = (float(east), float(north), timestamps[i])
+            out.append(measurement)
+        latency = (time.perf_counter() - start) / max(1, n)
+        for measurement in out:
+            measurement.latency_s = latency
+        return out
+
+    def _prior(self, query, retrieved: np.ndarray, timestamp):
+        """Return (indices, similarities) of places near the last verified fix, not retrieved."""
+        config = self.config
+        last = self._last_fix
+        none = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        if config.prior_radius_m <= 0 or last is None or timestamp is None or \
+                last[2] is None or not 0 <= timestamp - last[2] <= config.prior_max_age_s:
+            return none
+        dist = np.hypot(self._enu[:, 0] - last[0], self._enu[:, 1] - last[1])
+        seen = set(int(j) for j in retrieved)
+        near = [int(j) for j in np.argsort(dist)[:config.prior_candidates]
+                if dist[j] <= config.prior_radius_m and int(j) not in seen]
+        if not near:
+            return none
+        # Their similarities are computed exactly, so the estimate weighs them like the rest.
+        vector = np.asarray(query.detach().float().cpu(), dtype=np.float32)
+        sims = self.database.embeddings[near].astype(np.float32) @ vector
+        return np.array(near, np.int64), sims.astype(np.float32)
+
+    def _measure(self, idx: np.ndarray, sim: np.ndarray, timestamp, yaw: float,
+                 verification: Optional[Verification]) -> Measurement:
+        db = self.database
+        scale = float(db.meta.get('covariance_scale', 1.0))
+        estimator = self.config.estimator
+        if scale != 1.0:
+            estimator = dataclasses.replace(
+                estimator, covariance_scale=estimator.covariance_scale * scale)
+        pose = estimate_pose(db.latitude[idx], db.longitude[idx], db.altitude[idx],
+                             db.heading[idx], sim, db.grid_spacing_m, estimator,
+                             heading_offset_deg=yaw)
+        matches = [Match(int(i), str(db.image_ids[i]), float(db.latitude[i]),
+                         float(db.longitude[i]), float(db.heading[i]), float(s))
+                   for i, s in zip(idx, sim)]
+        measurement = Measurement(
+            timestamp=timestamp, fix=pose.fix, latitude=pose.latitude,
+            longitude=pose.longitude, altitude=pose.altitude, heading=pose.heading,
+            heading_variance=pose.heading_variance, position_covariance=pose.position_covariance,
+            confidence=pose.confidence, matches=matches)
+        if self.reranker is not None:
+            self._apply_verification(measurement, pose, idx, verification, yaw)
+        return measurement
+
+    def _apply_verification(self, m: Measurement, pose: PoseEstimate, idx: np.ndarray,
+                            verification: Optional[Verification], yaw: float) -> None:
+        """Replace the retrieval estimate by the geometrically verified one, or withhold it.
+
+        Without a verified candidate the measurement keeps the retrieval estimate for the
+        record but is not a fix: retrieval alone is wrong too often to publish.
+        """
+        m.verified = verification is not None
+        if verification is None:
+            m.fix = False
+            return
+        db = self.database
+        config = self.config.rerank
+        entry = verification.index
+        rank = next(r for r, match in enumerate(m.matches) if match.index == entry)
+        m.matches.insert(0, m.matches.pop(rank))
+        m.inliers = verification.inliers
+        m.confidence = verification.inliers / (verification.inliers + config.min_inliers)
+        m.fix = m.confidence >= self.config.estimator.min_confidence
+        db_heading = float(db.heading[entry])
+        if math.isfinite(db_heading):
+            m.heading = float(wrap_degrees(db_heading + verification.rotation_deg + yaw))
+            m.heading_variance = math.radians(config.heading_sigma_deg) ** 2
+        gsd = float(db.meta.get('gsd_m', math.nan))
+        if not math.isfinite(gsd):  # no ground scale: the verified place itself
+            m.latitude, m.longitude = float(db.latitude[entry]), float(db.longitude[entry])
+            return
+        east, north = offset_to_enu(verification.offset_px, gsd, db_heading)
+        lat, lon = from_enu(float(db.latitude[entry]), float(db.longitude[entry]), east, north)
+        m.latitude, m.longitude = float(lat), float(lon)
+        scale = config.covariance_scale * float(db.meta.get('verified_covariance_scale', 1.0))
+        sigma = verified_position_sigma_m(verification, gsd)
+        covariance = np.array(pose.position_covariance, dtype=float)
+        covariance[:2, :2] = scale * sigma ** 2 * np.eye(2)
+        m.position_covariance = covariance
+
