@@ -1,0 +1,66 @@
+"""taco-cvgl build-db: embed a folder of GPS-tagged images into a database file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from taco_cvgl.database import (EmbeddingDatabase, build_database, read_csv,
+                                records_from_exif)
+from taco_cvgl.embedder import ImageRetrievalModel
+from taco_cvgl.errors import InputError
+from taco_cvgl.tools.common import add_runtime_args, reports_errors
+
+
+def build_db(out, weights, images=None, csv=None, device: str = 'auto',
+             precision: str = 'auto', batch_size: int = 32, dtype: str = 'fp16',
+             skip_bad: bool = False, progress: bool = True) -> EmbeddingDatabase:
+    """Build and save a database from images + CSV (or EXIF GPS when csv is None).
+
+    Returns the database as written. Nothing is written at `out` unless the whole build succeeds.
+    """
+    if csv is None and images is None:
+        raise InputError('give --images DIR (EXIF GPS) and/or --csv FILE')
+    records = read_csv(csv, images) if csv else records_from_exif(images)
+    model = ImageRetrievalModel.load(weights, device, precision)
+
+    def report_skip(path, why):
+        print(f'skipping {path}: {why}', file=sys.stderr)
+
+    db = build_database(model, records, batch_size=batch_size, skip_bad=skip_bad,
+                        progress=progress, source=str(csv or images), on_skip=report_skip)
+    db.save(out, dtype=dtype)
+    return db
+
+
+@reports_errors
+def main(argv: Optional[list] = None) -> int:
+    """Parse arguments and build the database."""
+    parser = argparse.ArgumentParser(prog='taco-cvgl build-db', description=__doc__)
+    parser.add_argument('--images', type=Path,
+                        help='image folder (relative CSV paths are taken from here)')
+    parser.add_argument('--csv', type=Path,
+                        help='CSV with image_path,latitude,longitude[,heading][,altitude]; '
+                             'without it, positions come from the images\' EXIF GPS tags')
+    parser.add_argument('--out', type=Path, required=True, help='database file to write (.npz)')
+    parser.add_argument('--weights', type=Path, required=True,
+                        help='model weights (.safetensors from taco-cvgl train, or a .ckpt)')
+    parser.add_argument('--batch-size', type=int, default=32, help='images per forward pass')
+    parser.add_argument('--dtype', default='fp16', choices=('fp16', 'fp32'),
+                        help='storage type of the embeddings (fp16: 1 KB per 512-D entry)')
+    parser.add_argument('--skip-bad', action='store_true',
+                        help='skip unreadable images (counted) instead of stopping')
+    parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    db = build_db(args.out, args.weights, args.images, args.csv, args.device, args.precision,
+                  args.batch_size, args.dtype, args.skip_bad, not args.no_progress)
+    print(f'wrote {args.out}: {len(db)} images, {db.dim}-D, model {db.model_fingerprint}, '
+          f'grid spacing {db.grid_spacing_m:.1f} m, {db.meta.get("skipped", 0)} skipped')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

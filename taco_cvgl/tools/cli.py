@@ -1,0 +1,50 @@
+"""taco-cvgl: one entry point that dispatches to each tool's `main`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+# command -> module under taco_cvgl.tools (imported only when used: torch loads slowly)
+COMMANDS = {
+    'build-db': ('build_db', 'embed GPS-tagged images into a database'),
+    'localize': ('localize', 'estimate the GPS position of image files'),
+    'train': ('train', 'train the embedder (PyTorch Lightning)'),
+    'evaluate': ('evaluate', 'score the localizer on a rosbag2 with ground truth'),
+    'replay': ('replay', 'play a rosbag2 into live ROS topics, optionally recording'),
+    'demo': ('demo', 'run the built-in demo on real Landsat-8 imagery'),
+    'bench': ('bench', 'measure speed against the plain fp32 baseline'),
+}
+
+
+def usage() -> str:
+    """Return the top-level help text."""
+    lines = ['usage: taco-cvgl COMMAND [options]   (taco-cvgl COMMAND --help for options)', '',
+             'commands:']
+    lines += [f'  {name:<10} {help_}' for name, (_, help_) in COMMANDS.items()]
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run `taco-cvgl COMMAND ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f'taco-cvgl: unknown command {command!r}\n\n{usage()}', file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f'taco_cvgl.tools.{COMMANDS[command][0]}')
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith('taco_cvgl.tools.'):
+            print(f'taco-cvgl: {command} is not available in this install', file=sys.stderr)
+            return 2
+        raise
+    return module.main(rest)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

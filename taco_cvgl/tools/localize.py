@@ -1,0 +1,73 @@
+"""taco-cvgl localize: print the GPS estimate of each image file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+from taco_cvgl.errors import InputError
+from taco_cvgl.estimate import EstimatorConfig
+from taco_cvgl.image_codec import load_image_file
+from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig, Measurement
+from taco_cvgl.tools.common import add_runtime_args, reports_errors
+
+
+def localize_files(localizer: CVGLLocalizer, images: List[Path]
+                   ) -> Iterator[tuple]:
+    """Yield (path, Measurement or InputError) for each image; one bad file stops nothing."""
+    for path in images:
+        try:
+            yield path, localizer.localize(load_image_file(path))
+        except InputError as exc:
+            yield path, exc
+
+
+def format_text(path: Path, m: Measurement) -> str:
+    """Return one human-readable line for a measurement."""
+    sigma = math.sqrt(max(m.position_covariance[0, 0], m.position_covariance[1, 1]))
+    state = 'FIX' if m.fix else 'no fix'
+    heading = '' if not math.isfinite(m.heading) else f' heading {m.heading:.1f} deg'
+    return (f'{path}: {state} {m.latitude:.6f}, {m.longitude:.6f} (sigma {sigma:.0f} m)'
+            f'{heading} confidence {m.confidence:.2f} best {m.matches[0].image_id}')
+
+
+@reports_errors
+def main(argv: Optional[list] = None) -> int:
+    """Parse arguments, localize each image, print a line (or JSON object) per image."""
+    parser = argparse.ArgumentParser(prog='taco-cvgl localize', description=__doc__)
+    parser.add_argument('images', nargs='+', type=Path, help='image files')
+    parser.add_argument('--db', type=Path, required=True, help='database built by build-db')
+    parser.add_argument('--weights', type=Path, required=True, help='the weights that built it')
+    parser.add_argument('--top-k', type=int, default=10, help='neighbours to retrieve')
+    parser.add_argument('--min-confidence', type=float, default=0.5,
+                        help='below this confidence the result is reported as no fix')
+    parser.add_argument('--index', default='auto', choices=('auto', 'exact', 'hnsw', 'ivfpq'),
+                        help='search index (auto: exact, approximate above 200k entries on CPU)')
+    parser.add_argument('--json', action='store_true', help='one JSON object per line')
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    config = LocalizerConfig(top_k=args.top_k, index=args.index,
+                             estimator=EstimatorConfig(min_confidence=args.min_confidence))
+    localizer = CVGLLocalizer.from_files(args.weights, args.db, args.device, args.precision,
+                                         config)
+    failures = 0
+    for path, result in localize_files(localizer, args.images):
+        if isinstance(result, InputError):
+            failures += 1
+            print(f'taco-cvgl: error: {result}', file=sys.stderr)
+            if args.json:
+                print(json.dumps({'image': str(path), 'error': str(result)}), flush=True)
+            continue
+        if args.json:
+            print(json.dumps({'image': str(path), **result.to_dict()}), flush=True)
+        else:
+            print(format_text(path, result), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

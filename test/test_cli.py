@@ -1,0 +1,66 @@
+"""The command line end to end, as a user runs it, on real images."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from taco_cvgl.database import EmbeddingDatabase
+from taco_cvgl.geodesy import distance_m
+
+
+def taco(*args, cwd=None):
+    return subprocess.run([sys.executable, '-m', 'taco_cvgl.tools.cli', *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_build_db_then_localize_json(small_map, tmp_path):
+    out = tmp_path / 'cli.npz'
+    run = taco('build-db', '--images', small_map.images_dir, '--csv', small_map.csv,
+               '--out', out, '--weights', small_map.weights, '--device', 'cpu',
+               '--no-progress')
+    assert run.returncode == 0, run.stderr
+    assert f'wrote {out}: 8 images' in run.stdout
+    assert EmbeddingDatabase.load(out).model_fingerprint == \
+        EmbeddingDatabase.load(small_map.db).model_fingerprint
+    broken = tmp_path / 'broken.jpg'
+    broken.write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
+    images = [small_map.images_dir / 'place_03.png', broken,
+              small_map.images_dir / 'place_05.png']
+    run = taco('localize', '--db', out, '--weights', small_map.weights, '--json',
+               '--top-k', '1', '--device', 'cpu', *images)
+    assert run.returncode == 1  # one image failed; the others were still answered
+    assert 'broken.jpg' in run.stderr and 'Traceback' not in run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [line['image'] for line in lines] == [str(p) for p in images]
+    assert 'error' in lines[1]
+    for line, place in ((lines[0], 3), (lines[2], 5)):
+        _, lat, lon = small_map.places[place]
+        assert line['fix'] is True and line['confidence'] == pytest.approx(1.0)
+        assert distance_m(line['latitude'], line['longitude'], lat, lon) < 0.01
+        assert line['top_k'][0]['index'] == place
+        assert line['top_k'][0]['similarity'] == pytest.approx(1.0, abs=1e-2)
+        cov = np.array(line['position_covariance']).reshape(3, 3)
+        assert np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)
+        assert np.isfinite(line['altitude'])
+
+
+def test_text_output_and_user_errors(small_map, tmp_path):
+    run = taco('localize', '--db', small_map.db, '--weights', small_map.weights, '--device',
+               'cpu', small_map.images_dir / 'place_01.png')
+    assert run.returncode == 0, run.stderr
+    assert 'place_01.png: ' in run.stdout and 'confidence' in run.stdout
+    run = taco('localize', '--db', tmp_path / 'nope.npz', '--weights', small_map.weights,
+               small_map.images_dir / 'place_01.png')
+    assert run.returncode == 2
+    assert run.stderr.strip() == f'taco-cvgl: error: database file not found: {tmp_path}/nope.npz'
+    bad_csv = tmp_path / 'bad.csv'
+    bad_csv.write_text('image_path,latitude,longitude\nplace_00.png,12,nan\n')
+    run = taco('build-db', '--images', small_map.images_dir, '--csv', bad_csv, '--out',
+               tmp_path / 'x.npz', '--weights', small_map.weights, '--device', 'cpu')
+    assert run.returncode == 2 and 'bad.csv:2' in run.stderr
+    assert not (tmp_path / 'x.npz').exists()
+    run = taco('frobnicate')
+    assert run.returncode == 2 and 'unknown command' in run.stderr
