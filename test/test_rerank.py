@@ -1,0 +1,107 @@
+"""Geometric verification and the motion prior, on real Landsat-8 tiles and simulated views."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from taco_cvgl.config import ModelConfig
+from taco_cvgl.database import build_database, read_csv
+from taco_cvgl.demo.scene import Box, make_tiles, write_tiles
+from taco_cvgl.demo.views import Appearance, render_view
+from taco_cvgl.embedder import ImageRetrievalModel
+from taco_cvgl.errors import InputError
+from taco_cvgl.geodesy import angle_difference_deg, distance_m
+from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.rerank import offset_to_enu, RerankConfig
+
+GSD_M = 96 * 30.0 / 256   # tiles: 96 scene pixels (30 m) resampled to 256 px
+
+
+@pytest.fixture(scope='module')
+def tile_map(scene, tmp_path_factory):
+    root = tmp_path_factory.mktemp('tile_map')
+    region = Box(1000, 700, 1000 + 4 * 48 + 96, 700 + 3 * 48 + 96)
+    tiles = make_tiles(scene, 96, 48, region, out_px=256)
+    csv_path = write_tiles(tiles, root / 'tiles', image_format='jpg')
+    torch.manual_seed(0)
+    model = ImageRetrievalModel(ModelConfig(input_size=(64, 64))).to_runtime('cpu')
+    weights = root / 'w.safetensors'
+    model.save(weights)
+    model = ImageRetrievalModel.load(weights, device='cpu')
+    db = build_database(model, read_csv(csv_path), progress=False)
+    db.meta['gsd_m'] = GSD_M
+    db.save(root / 'map.npz')
+    return model, root / 'map.npz', tiles
+
+
+def view_of(scene, col, row, heading, seed):
+    return render_view(scene, (col, row), heading, 1.1, (4.0, -3.0), 256,
+                       np.random.default_rng(seed), Appearance(strength=0.6), 96)
+
+
+def localizer_for(tile_map, **config):
+    model, db_path, tiles = tile_map
+    localizer = CVGLLocalizer(model, LocalizerConfig(**config))
+    localizer.load_map(db_path)
+    return localizer
+
+
+def test_verification_finds_the_place_and_the_heading(scene, tile_map):
+    tiles = tile_map[2]
+    loc = localizer_for(tile_map, top_k=len(tiles), rerank=RerankConfig(candidates=len(tiles)))
+    for i, (tile, heading) in enumerate(zip(tiles[::4], (37.0, 160.0, 290.0, 5.0))):
+        view = view_of(scene, tile.col + 11, tile.row - 7, heading, seed=i)
+        m = loc.localize(view.image, timestamp=float(i))
+        assert m.verified and m.fix and m.inliers >= 15
+        # Far better than the 1.44 km grid: the offset inside the tile is measured.
+        assert distance_m(m.latitude, m.longitude, view.latitude, view.longitude) < 150
+        assert abs(angle_difference_deg(m.heading, view.heading_deg)) < 3.0
+        sigma = math.sqrt(m.position_covariance[0, 0])
+        assert GSD_M <= sigma < 200
+
+
+def test_a_place_outside_the_map_is_not_a_fix(scene, tile_map):
+    tiles = tile_map[2]
+    loc = localizer_for(tile_map, top_k=len(tiles), rerank=RerankConfig(candidates=len(tiles)))
+    far = view_of(scene, 300, 1400, 45.0, seed=9)   # 20 km west of the map
+    m = loc.localize(far.image, timestamp=0.0)
+    assert m.verified is False and not m.fix
+
+
+def test_motion_prior_adds_the_places_near_the_last_fix(scene, tile_map):
+    tiles = tile_map[2]
+    loc = localizer_for(tile_map, top_k=1, rerank=RerankConfig(candidates=1),
+                        prior_radius_m=2000.0, prior_candidates=len(tiles))
+    first = loc.localize(tiles[5].image, timestamp=10.0)  # a map image retrieves itself
+    assert first.fix and first.matches[0].index == 5
+    view = view_of(scene, tiles[4].col, tiles[4].row, 120.0, seed=3)  # land, not water
+    retrieved, _ = loc.index.search(loc.model.encode_batch([view.image]), 1)
+    assert retrieved[0, 0] != 4   # retrieval alone misses it: only the prior can find it
+    second = loc.localize(view.image, timestamp=15.0)
+    assert second.fix and second.matches[0].index == 4
+    assert distance_m(second.latitude, second.longitude, view.latitude, view.longitude) < 150
+    # A stale fix (older than prior_max_age_s) gives no prior: only the single retrieved place.
+    indices, _ = loc._prior(torch.zeros(512), np.array([0]), timestamp=100.0)
+    assert len(indices) == 0
+
+
+def test_offset_to_enu_follows_the_image_heading():
+    # 10 px to the right and 20 px up in a north-up image: 10 m east, 20 m north at 1 m/px.
+    assert np.allclose(offset_to_enu(np.array([10.0, -20.0]), 1.0, 0.0), [10, 20])
+    # The same offset in an image whose top points east: up is east, right is south.
+    assert np.allclose(offset_to_enu(np.array([10.0, -20.0]), 1.0, 90.0), [20, -10])
+
+
+def test_prior_needs_reranking_and_missing_map_images_are_named(tile_map, tmp_path):
+    with pytest.raises(InputError, match='re-ranking'):
+        LocalizerConfig(prior_radius_m=100.0)
+    model, db_path, _ = tile_map
+    from taco_cvgl.database import EmbeddingDatabase
+    db = EmbeddingDatabase.load(db_path)
+    db.image_ids = np.array([str(tmp_path / 'gone.jpg')] * len(db))
+    db.save(tmp_path / 'moved.npz')
+    loc = CVGLLocalizer(model, LocalizerConfig(rerank=RerankConfig()))
+    with pytest.raises(InputError, match='gone.jpg'):
+        loc.load_map(tmp_path / 'moved.npz')
