@@ -1,0 +1,732 @@
+"""
+taco-cvgl evaluate: score the localizer on a rosbag2 with ground truth, or score a recorded run.
+
+Two ways in, one set of metrics (see taco_cvgl.evaluation for their definitions):
+
+- a bag with camera images and ground-truth NavSatFix: every image goes through the same
+  CVGLLocalizer the node runs (needs --db and --weights)::
+
+      taco-cvgl evaluate --bag drive.mcap --image-topic /camera/image_raw --gt-topic /gps/fix
+          --db map.npz --weights model.safetensors --out eval/
+
+- a bag recorded from the live node (its estimates beside the ground truth), as `ros2 bag
+  record` captures it on a robot; no model is needed, and Recall@k is not available::
+
+      taco-cvgl evaluate --bag run1 --estimate-topic /cvgl/fix --gt-topic /gps/fix --out eval/
+
+Both write metrics.json (atomically, last), frames.csv (one row per frame) and PNG pictures into
+--out. A run that is interrupted, meets frames it cannot localize, or stops early writes what it
+scored with "complete": false.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+from pathlib import Path
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from taco_cvgl import bags
+from taco_cvgl.errors import InputError, TacoError
+from taco_cvgl.estimate import EstimatorConfig
+from taco_cvgl.evaluation import (DEFAULT_KS, frame_table, FrameResult, FrameTable,
+                                  interpolate_headings, SCHEMA, summarize)
+from taco_cvgl.geodesy import distance_m, enu_yaw_to_heading
+from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig, Measurement
+from taco_cvgl.tools.common import add_runtime_args, reports_errors
+
+QUATERNION_STAMPED_TYPE = 'geometry_msgs/msg/QuaternionStamped'
+IMU_TYPE = 'sensor_msgs/msg/Imu'
+#: Topic types whose orientation gives a heading (quaternion in the ENU frame, REP-103/145).
+HEADING_TYPES = (QUATERNION_STAMPED_TYPE, IMU_TYPE, bags.GEOPOSE_COV_STAMPED_TYPE,
+                 bags.GEOPOSE_STAMPED_TYPE)
+# A yaw variance above (2 pi)^2 rad^2 says nothing about the heading (the node publishes 1e6
+# when it has none).
+UNKNOWN_YAW_VARIANCE = (2.0 * math.pi) ** 2
+MAX_LISTED_FAILURES = 10
+GRID_CANDIDATES = 3          # retrieved entries shown per query in the retrieval grid
+RECALL_UNAVAILABLE_RECORDED = (
+    'a recorded bag holds the published estimates only, not the retrieved database entries; '
+    'evaluate the camera bag with --image-topic --db --weights to measure Recall@k')
+
+
+@dataclasses.dataclass
+class EvaluationResult:
+    """What an evaluation computed and wrote: the metrics.json content and each file's path."""
+
+    metrics: Dict[str, Any]
+    paths: Dict[str, Path]
+
+    @property
+    def complete(self) -> bool:
+        """Return whether every frame of the bag was scored or knowingly left out."""
+        return bool(self.metrics.get('complete'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the bags
+
+
+def _topics(path: Path) -> Dict[str, str]:
+    """Return {topic: type} of a bag (InputError naming the bag when it cannot be read)."""
+    return bags.list_topics(path)
+
+
+def _require(path: Path, topic: str, what: str) -> str:
+    """Return the type of `topic` in the bag, or raise InputError listing the bag's topics."""
+    available = _topics(path)
+    if topic not in available:
+        have = ', '.join(f'{t} ({m})' for t, m in available.items()) or 'none'
+        raise InputError(f'bag {path} has no {what} topic {topic}; its topics: {have}')
+    return available[topic]
+
+
+def read_truth(path: Path, topic: str) -> bags.GpsTrack:
+    """Read the ground-truth position topic; refuse one without a single usable position."""
+    _require(path, topic, 'ground-truth')
+    track = bags.read_navsat(path, topic)
+    if len(track) == 0:
+        raise InputError(f'bag {path}: ground-truth topic {topic} holds no usable position '
+                         f'({track.dropped} message(s) without a fix)')
+    return track
+
+
+def _yaw(q) -> float:
+    """Return the ENU yaw (rad, counter-clockwise from east) of a quaternion message."""
+    x, y, z, w = float(q.x), float(q.y), float(q.z), float(q.w)
+    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+
+
+def read_headings(path: Path, topic: str) -> Tuple[np.ndarray, np.ndarray]:
+    """
+    Return (stamps_ns, compass headings in degrees) of an orientation topic.
+
+    Reads geometry_msgs/QuaternionStamped and sensor_msgs/Imu (orientation relative to ENU, as
+    REP-145 asks of an IMU; an Imu whose orientation_covariance[0] is -1 has none and is
+    skipped) and the geographic_msgs GeoPose estimates (a yaw variance above (2 pi)^2 marks an
+    unknown heading: NaN).
+    """
+    msgtype = _require(path, topic, 'heading')
+    if msgtype not in HEADING_TYPES:
+        raise InputError(f'bag {path}: topic {topic} has type {msgtype}; a heading topic must '
+                         f'be one of {", ".join(HEADING_TYPES)}')
+    stamps, headings = [], []
+    for _topic, msgtype, log_ns, msg in bags.iter_messages(path, [topic]):
+        heading = math.nan
+        if msgtype == QUATERNION_STAMPED_TYPE:
+            heading = enu_yaw_to_heading(_yaw(msg.quaternion))
+        elif msgtype == IMU_TYPE:
+            if float(msg.orientation_covariance[0]) == -1.0:
+                continue
+            heading = enu_yaw_to_heading(_yaw(msg.orientation))
+        elif msgtype == bags.GEOPOSE_COV_STAMPED_TYPE:
+            variance = float(np.asarray(msg.pose.covariance, dtype=float)[35])
+            if math.isfinite(variance) and variance < UNKNOWN_YAW_VARIANCE:
+                heading = enu_yaw_to_heading(_yaw(msg.pose.pose.orientation))
+        else:
+            heading = enu_yaw_to_heading(_yaw(msg.pose.orientation))
+        stamps.append(bags.stamp_ns(msg, log_ns))
+        headings.append(heading)
+    return np.array(stamps, dtype=np.int64), np.array(headings, dtype=float)
+
+
+def _heading_truth(bag_paths: Sequence[Path], topic: Optional[str]
+                   ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Read the ground-truth heading topic from the first bag that has it (None: no topic)."""
+    if not topic:
+        return None
+    for path in bag_paths:
+        if topic in _topics(path):
+            stamps, headings = read_headings(path, topic)
+            known = np.isfinite(headings)
+            return stamps[known], headings[known]
+    _require(bag_paths[0], topic, 'ground-truth heading')  # raises, listing the topics
+    return None
+
+
+def _truth_at(track: bags.GpsTrack, heading: Optional[Tuple[np.ndarray, np.ndarray]],
+              stamps_ns, max_gap_s: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (lat, lon, heading) of the ground truth at the stamps (NaN where unknown)."""
+    lat, lon, _alt, _valid = track.interpolate_many(stamps_ns, max_gap_s)
+    if heading is None:
+        hdg = np.full(len(lat), np.nan)
+    else:
+        hdg = interpolate_headings(heading[0], heading[1], stamps_ns, max_gap_s)
+    return lat, lon, hdg
+
+
+# ---------------------------------------------------------------------------------------------
+# Localizing a camera bag
+
+
+def _check_thresholds(threshold_m: float, fix_threshold_m: Optional[float],
+                      max_gt_gap_s: float) -> float:
+    """Refuse non-positive thresholds; return the fix threshold (default: threshold_m)."""
+    fix_threshold_m = threshold_m if fix_threshold_m is None else fix_threshold_m
+    for name, value in (('threshold_m', threshold_m), ('fix_threshold_m', fix_threshold_m),
+                        ('max_gt_gap_s', max_gt_gap_s)):
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f'{name} must be a positive number, got {value}')
+    return fix_threshold_m
+
+
+def _fill(frame: FrameResult, m: Measurement) -> None:
+    """Copy a measurement into a frame."""
+    frame.est_lat, frame.est_lon = float(m.latitude), float(m.longitude)
+    frame.est_heading = float(m.heading)
+    frame.fix = bool(m.fix)
+    frame.covariance_en = np.asarray(m.position_covariance, dtype=float)[:2, :2].copy()
+    frame.confidence = float(m.confidence)
+    frame.latency_s = float(m.latency_s)
+    frame.retrieved = np.array([(x.latitude, x.longitude) for x in m.matches],
+                               dtype=float).reshape(-1, 2)
+    frame.retrieved_ids = [x.image_id for x in m.matches]
+
+
+def _grid_picks(count: int, rows: int) -> set:
+    """Return frame indices spread over the bag whose thumbnails are kept for the grid."""
+    if rows <= 0 or count <= 0:
+        return set()
+    return {int(i) for i in np.linspace(0, count - 1, min(count, 3 * rows)).round()}
+
+
+def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
+                 gt_bag=None, gt_heading_topic: Optional[str] = None,
+                 threshold_m: float = 25.0, fix_threshold_m: Optional[float] = None,
+                 max_gt_gap_s: float = 1.0, config: LocalizerConfig = LocalizerConfig(),
+                 device: str = 'auto', precision: str = 'auto', camera_yaw_deg: float = 0.0,
+                 max_frames: Optional[int] = None, grid_rows: int = 6,
+                 background=None, progress: bool = True,
+                 on_frame: Optional[Callable[[FrameResult], None]] = None,
+                 localizer: Optional[CVGLLocalizer] = None,
+                 plots: bool = True) -> EvaluationResult:
+    """
+    Localize every image of a bag and score it against the ground truth.
+
+    The localizer is loaded from `weights` and `db` (checked against each other), unless a
+    loaded one is passed as `localizer` (then config, device and precision are its own, and db
+    and weights are only recorded in metrics.json). Frames without ground truth within
+    max_gt_gap_s are counted and not localized. A frame that fails, a Ctrl-C
+    (KeyboardInterrupt), a read error mid-bag or max_frames stop nothing already scored:
+    metrics.json is written with complete false and says why. background: an optional
+    plots.MapBackground for the track plot; plots False writes metrics.json and frames.csv
+    only. on_frame is called with each frame once done.
+    """
+    from tqdm import tqdm
+
+    fix_threshold_m = _check_thresholds(threshold_m, fix_threshold_m, max_gt_gap_s)
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f'max_frames must be >= 1, got {max_frames}')
+    bag = Path(bag)
+    gt_path = Path(gt_bag) if gt_bag else bag
+    stream = bags.iter_images(bag, image_topic)  # checks the bag and the topic first
+    truth = read_truth(gt_path, gt_topic)
+    heading = _heading_truth([gt_path, bag], gt_heading_topic)
+    if localizer is None:
+        if db is None or weights is None:
+            raise InputError('evaluating a camera bag needs the database and the weights')
+        localizer = CVGLLocalizer.from_files(weights, db, device, precision, config)
+    if localizer.database is None:
+        raise InputError('the localizer passed in has no map loaded')
+    config = localizer.config
+    database = localizer.database
+
+    total = stream.message_count if max_frames is None else min(stream.message_count,
+                                                                max_frames)
+    picks = _grid_picks(total, grid_rows)
+    thumbs: Dict[int, np.ndarray] = {}
+    frames: List[FrameResult] = []
+    stopped: Optional[str] = None
+    bar = tqdm(total=total, desc='evaluating', unit='img', disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for index, (stamp, rgb) in enumerate(stream):
+            if max_frames is not None and index >= max_frames:
+                stopped = f'stopped after max_frames={max_frames} of {stream.message_count}'
+                break
+            frames.append(_localize_frame(localizer, index, stamp, rgb, truth, heading,
+                                          max_gt_gap_s, camera_yaw_deg))
+            if plots and index in picks:
+                from taco_cvgl.plots import thumbnail
+                thumbs[index] = thumbnail(rgb)
+            bar.update(1)
+            if on_frame is not None:
+                on_frame(frames[-1])
+    except KeyboardInterrupt:
+        stopped = 'interrupted (KeyboardInterrupt)'
+    except InputError as exc:
+        stopped = f'bag read error: {exc}'
+    finally:
+        bar.close()
+
+    table = frame_table(frames, threshold_m)
+    summary = summarize(frames, threshold_m, fix_threshold_m, DEFAULT_KS,
+                        database_size=len(database), max_gt_gap_s=max_gt_gap_s, table=table)
+    failures = [f'frame {f.index} at {f.stamp_ns} ns: {f.failure}'
+                for f in frames if f.failure is not None]
+    summary['frames'].update({
+        'in_bag': int(stream.message_count),
+        'undecodable': int(stream.skipped),
+        'failures': failures[:MAX_LISTED_FAILURES],
+        'decode_errors': list(stream.errors),
+    })
+    complete = stopped is None and not failures and stream.skipped == 0
+    inputs = {'bag': str(bag), 'image_topic': image_topic, 'gt_bag': str(gt_path),
+              'gt_topic': gt_topic, 'gt_heading_topic': gt_heading_topic,
+              'db': None if db is None else str(db),
+              'weights': None if weights is None else str(weights),
+              'database_entries': len(database),
+              'model_fingerprint': database.model_fingerprint, 'top_k': config.top_k,
+              'index': config.index, 'min_confidence': config.estimator.min_confidence,
+              'camera_yaw_deg': camera_yaw_deg, 'max_gt_gap_s': max_gt_gap_s}
+    metrics = {'schema': SCHEMA, 'mode': 'localizer', 'complete': complete,
+               'stopped': stopped, 'inputs': inputs, **summary,
+               'warnings': _clock_warnings(frames, truth)}
+    if not frames and stopped is None:
+        metrics['warnings'].append(f'the image topic {image_topic} holds no decodable image')
+    grid = _grid_rows(frames, thumbs, table, threshold_m, grid_rows) if plots else []
+    paths = _write_outputs(Path(out_dir), metrics, frames, table, threshold_m,
+                           (database.latitude, database.longitude), background, grid, plots)
+    return EvaluationResult(metrics, paths)
+
+
+def _localize_frame(localizer: CVGLLocalizer, index: int, stamp: int, rgb: np.ndarray,
+                    truth: bags.GpsTrack, heading, max_gt_gap_s: float,
+                    camera_yaw_deg: float) -> FrameResult:
+    """Return the frame of one image: its ground truth, and the localizer's answer if any."""
+    lat, lon, hdg = _truth_at(truth, heading, [stamp], max_gt_gap_s)
+    frame = FrameResult(index=index, stamp_ns=int(stamp), truth_lat=float(lat[0]),
+                        truth_lon=float(lon[0]), truth_heading=float(hdg[0]))
+    if not frame.has_truth:
+        return frame  # not localized: it could not be scored
+    try:
+        measurement = localizer.localize(rgb, timestamp=stamp * 1e-9,
+                                         camera_yaw_deg=camera_yaw_deg)
+    except (TacoError, RuntimeError, ValueError) as exc:
+        # One frame the model cannot take (odd size, corrupt data) must not lose the others;
+        # it is counted, listed and makes the result incomplete.
+        frame.failure = f'{type(exc).__name__}: {exc}'
+        return frame
+    _fill(frame, measurement)
+    return frame
+
+
+def _clock_warnings(frames: Sequence[FrameResult], truth: bags.GpsTrack) -> List[str]:
+    """Warn when no frame found ground truth: stamps on different clocks are the usual cause."""
+    if not frames or any(f.has_truth for f in frames):
+        return []
+    stamps = np.array([f.stamp_ns for f in frames], dtype=np.int64)
+    return [f'no frame has ground truth within the allowed gap: the frames span '
+            f'{stamps.min() * 1e-9:.3f}..{stamps.max() * 1e-9:.3f} s, the ground truth '
+            f'{truth.stamps_ns[0] * 1e-9:.3f}..{truth.stamps_ns[-1] * 1e-9:.3f} s (are they '
+            f'stamped on the same clock?)']
+
+
+def _grid_rows(frames: Sequence[FrameResult], thumbs: Dict[int, np.ndarray],
+               table: FrameTable, threshold_m: float, rows: int) -> list:
+    """Return the retrieval grid's rows: kept thumbnails of scored frames, spread over the bag."""
+    from taco_cvgl.plots import Candidate, GridRow
+    chosen = [f for f in frames if f.index in thumbs and table.scored[f.index]
+              and len(f.retrieved)]
+    if len(chosen) > rows:
+        chosen = [chosen[int(i)] for i in np.linspace(0, len(chosen) - 1, rows).round()]
+    grid = []
+    for f in chosen:
+        shown = f.retrieved[:GRID_CANDIDATES]
+        dist = distance_m(f.truth_lat, f.truth_lon, shown[:, 0], shown[:, 1])
+        candidates = [Candidate(image=f.retrieved_ids[r] if os.path.isfile(f.retrieved_ids[r])
+                                else None,
+                                label=f'top-{r + 1}: {dist[r]:.0f} m from truth',
+                                hit=bool(dist[r] <= threshold_m)) for r in range(len(shown))]
+        state = 'fix' if f.fix else 'no fix'
+        label = (f'frame {f.index} ({state}, error {table.error_m[f.index]:.0f} m)')
+        grid.append(GridRow(query=thumbs[f.index], label=label, candidates=candidates))
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a recorded bag
+
+
+def evaluate_recorded(bag, estimate_topic: str, gt_topic: str, out_dir, *, gt_bag=None,
+                      image_topic: Optional[str] = None,
+                      gt_heading_topic: Optional[str] = None, threshold_m: float = 25.0,
+                      fix_threshold_m: Optional[float] = None, max_gt_gap_s: float = 1.0,
+                      db=None, background=None, progress: bool = True,
+                      plots: bool = True) -> EvaluationResult:
+    """
+    Score the estimates a live node published (recorded in `bag`) against ground truth.
+
+    The estimate topic is sensor_msgs/NavSatFix (position_covariance, ENU m^2; NO_FIX messages
+    count as published without a fix) or a geographic_msgs GeoPose type (covariance read on
+    east, north axes as this package's node publishes it). Ground truth comes from `gt_bag`
+    when given, else from `bag`. With image_topic (searched in `bag`, then `gt_bag`), the fix
+    share is published fixes over images, both counted where ground truth exists. db, when
+    given, only draws the map's places under the track; plots False writes no pictures.
+    """
+    fix_threshold_m = _check_thresholds(threshold_m, fix_threshold_m, max_gt_gap_s)
+    bag = Path(bag)
+    gt_path = Path(gt_bag) if gt_bag else bag
+    est_type = _require(bag, estimate_topic, 'estimate')
+    truth = read_truth(gt_path, gt_topic)
+    heading = _heading_truth([gt_path, bag], gt_heading_topic)
+    estimates = bags.read_navsat(bag, estimate_topic)
+    est_heading = np.full(len(estimates), np.nan)
+    if est_type in (bags.GEOPOSE_COV_STAMPED_TYPE, bags.GEOPOSE_STAMPED_TYPE):
+        stamps, values = read_headings(bag, estimate_topic)
+        by_stamp = dict(zip(stamps.tolist(), values.tolist()))
+        est_heading = np.array([by_stamp.get(int(s), math.nan) for s in estimates.stamps_ns])
+
+    lat, lon, hdg = _truth_at(truth, heading, estimates.stamps_ns, max_gt_gap_s)
+    cov = estimates.covariance
+    frames = []
+    for i, stamp in enumerate(estimates.stamps_ns):
+        frame = FrameResult(index=i, stamp_ns=int(stamp), truth_lat=float(lat[i]),
+                            truth_lon=float(lon[i]), truth_heading=float(hdg[i]),
+                            est_lat=float(estimates.lat[i]), est_lon=float(estimates.lon[i]),
+                            est_heading=float(est_heading[i]), fix=True)
+        if cov is not None:
+            frame.covariance_en = np.asarray(cov[i], dtype=float)[:2, :2].copy()
+        frames.append(frame)
+
+    images = None
+    if image_topic:
+        images = _count_images(image_topic, [bag, gt_path], truth, max_gt_gap_s, progress)
+    table = frame_table(frames, threshold_m)
+    summary = summarize(frames, threshold_m, fix_threshold_m, DEFAULT_KS,
+                        recall_unavailable=RECALL_UNAVAILABLE_RECORDED,
+                        images_with_truth=None if images is None else images['with_ground_truth'],
+                        max_gt_gap_s=max_gt_gap_s, table=table)
+    summary['frames']['no_fix_messages'] = int(estimates.dropped)
+    if images is None:
+        summary['fixes'].update(share=None, share_of=None, share_denominator=None,
+                                share_unavailable='give --image-topic to count the images '
+                                                  'the fixes were made from')
+    else:
+        summary['images'] = images
+    database = None
+    if db is not None:
+        from taco_cvgl.database import EmbeddingDatabase
+        database = EmbeddingDatabase.load(db)
+    inputs = {'bag': str(bag), 'estimate_topic': estimate_topic, 'estimate_type': est_type,
+              'gt_bag': str(gt_path), 'gt_topic': gt_topic, 'gt_heading_topic': gt_heading_topic,
+              'image_topic': image_topic, 'max_gt_gap_s': max_gt_gap_s,
+              'db': None if db is None else str(db)}
+    metrics = {'schema': SCHEMA, 'mode': 'recorded', 'complete': True, 'stopped': None,
+               'inputs': inputs, **summary, 'warnings': _clock_warnings(frames, truth)}
+    if not frames:
+        metrics['warnings'].append(f'the estimate topic {estimate_topic} holds no fix')
+    places = None if database is None else (database.latitude, database.longitude)
+    paths = _write_outputs(Path(out_dir), metrics, frames, table, threshold_m, places,
+                           background, [], plots)
+    return EvaluationResult(metrics, paths)
+
+
+def _count_images(topic: str, bag_paths: Sequence[Path], truth: bags.GpsTrack,
+                  max_gt_gap_s: float, progress: bool) -> Dict[str, int]:
+    """Count the images of a topic (in the first bag that has it) and those with ground truth."""
+    from tqdm import tqdm
+    for path in bag_paths:
+        available = _topics(path)
+        if topic in available:
+            break
+    else:
+        _require(bag_paths[0], topic, 'image')
+    if available[topic] not in (bags.IMAGE_TYPE, bags.COMPRESSED_IMAGE_TYPE):
+        raise InputError(f'bag {path}: topic {topic} has type {available[topic]}, not '
+                         f'{bags.IMAGE_TYPE} or {bags.COMPRESSED_IMAGE_TYPE}')
+    stamps = []
+    with tqdm(desc='counting images', unit='img', disable=not progress) as bar:
+        for _topic, _type, log_ns, msg in bags.iter_messages(path, [topic]):
+            stamps.append(bags.stamp_ns(msg, log_ns))
+            bar.update(1)
+    _lat, _lon, _alt, valid = truth.interpolate_many(stamps, max_gt_gap_s)
+    return {'total': len(stamps), 'with_ground_truth': int(valid.sum()), 'bag': str(path)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the results
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    """Write text to path through a temporary file and a rename."""
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'w', encoding='utf-8', newline='') as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(f'cannot write {path}: {err}') from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _json_safe(value):
+    """Return value with NaN/inf as None and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def _frames_csv(frames: Sequence[FrameResult], table: FrameTable) -> str:
+    """Return one CSV row per frame (NaN fields left empty)."""
+    def num(value, digits=3):
+        return '' if value is None or not math.isfinite(value) else f'{value:.{digits}f}'
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(['index', 'stamp_ns', 'status', 'truth_lat', 'truth_lon', 'est_lat',
+                     'est_lon', 'fix', 'error_m', 'mahalanobis', 'heading_error_deg',
+                     'first_hit_rank', 'confidence', 'latency_s', 'top1_id', 'failure'])
+    for i, f in enumerate(frames):
+        status = ('failed' if f.failure else 'scored' if table.scored[i]
+                  else 'no_ground_truth')
+        rank = int(table.first_hit_rank[i])
+        writer.writerow([f.index, f.stamp_ns, status, num(f.truth_lat, 8), num(f.truth_lon, 8),
+                         num(f.est_lat, 8), num(f.est_lon, 8), int(f.fix),
+                         num(table.error_m[i], 2), num(table.mahalanobis[i]),
+                         num(table.heading_error_deg[i], 2),
+                         rank if rank >= 0 and len(f.retrieved) else '',
+                         num(f.confidence), num(f.latency_s, 4),
+                         f.retrieved_ids[0] if f.retrieved_ids else '', f.failure or ''])
+    return out.getvalue()
+
+
+def _write_outputs(out: Path, metrics: Dict[str, Any], frames: Sequence[FrameResult],
+                   table: FrameTable, threshold_m: float, places, background,
+                   grid: list, draw: bool = True) -> Dict[str, Path]:
+    """Write frames.csv, the plots (when draw) and last metrics.json; return their paths."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f'cannot create output folder {out}: {err}') from None
+    paths: Dict[str, Path] = {
+        'frames_csv': _atomic_text(out / 'frames.csv', _frames_csv(frames, table))}
+    if draw:
+        paths.update(_draw(out, metrics['mode'], frames, table, threshold_m, places,
+                           background, grid))
+    metrics['outputs'] = {name: p.name for name, p in paths.items()}
+    metrics['outputs']['metrics'] = 'metrics.json'
+    text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + '\n'
+    paths['metrics'] = _atomic_text(out / 'metrics.json', text)
+    return paths
+
+
+def _draw(out: Path, mode: str, frames: Sequence[FrameResult], table: FrameTable,
+          threshold_m: float, places, background, grid: list) -> Dict[str, Path]:
+    """Draw the track, error-along-track, error CDF and retrieval grid pictures into `out`."""
+    from taco_cvgl import plots
+    paths: Dict[str, Path] = {}
+
+    def column(name):
+        return np.array([getattr(f, name) for f in frames], dtype=float)
+
+    truth_lat, truth_lon = column('truth_lat'), column('truth_lon')
+    stamps = np.array([f.stamp_ns for f in frames], dtype=np.int64)
+    time_s = (stamps - stamps.min()) * 1e-9 if len(stamps) else np.zeros(0)
+    db_lat, db_lon = places if places is not None else (None, None)
+    scored, fixes = table.scored, table.scored & table.fix
+    est_lat = np.where(scored, column('est_lat'), np.nan)
+    paths['track_plot'] = plots.track_plot(
+        out / 'track.png', truth_lat, truth_lon, est_lat, column('est_lon'), table.fix,
+        table.error_m, threshold_m, db_lat, db_lon, background)
+    paths['error_along_track_plot'] = plots.error_along_track_plot(
+        out / 'error_along_track.png', time_s, table.error_m, table.fix, threshold_m)
+    curves = [('all frames', table.error_m[scored]), ('fixes', table.error_m[fixes])]
+    if mode == 'recorded':
+        curves = curves[1:]  # every recorded estimate is a fix
+    paths['error_cdf_plot'] = plots.error_cdf_plot(out / 'error_cdf.png', curves, threshold_m)
+    if grid:
+        paths['retrieval_grid_plot'] = plots.retrieval_grid_plot(
+            out / 'retrieval_grid.png', grid,
+            f'query | top-{GRID_CANDIDATES} retrieved (green: within {threshold_m:g} m of the '
+            f'truth, red: beyond)')
+    return paths
+
+
+def _fmt(value, unit: str = '', digits: int = 1, percent: bool = False) -> str:
+    """Return a number for the summary table ('n/a' for None)."""
+    if value is None:
+        return 'n/a'
+    if percent:
+        return f'{100.0 * value:.{digits}f} %'
+    return f'{value:.{digits}f}{unit}'
+
+
+def format_summary(metrics: Dict[str, Any]) -> str:
+    """Return a short human-readable table of the metrics."""
+    frames, recall = metrics['frames'], metrics['recall']
+    err_all, err_fix = metrics['position_error_m']['all'], metrics['position_error_m']['fixes']
+    fixes, cal = metrics['fixes'], metrics['calibration']
+    head, lat = metrics['heading_error_deg'], metrics['latency_s']
+    state = 'complete' if metrics['complete'] else f'INCOMPLETE ({metrics.get("stopped") or ""}'\
+        f'{", " if metrics.get("stopped") else ""}{frames.get("failed", 0)} failed frame(s))'
+    rows = [('result', state),
+            ('frames', f'{frames["scored"]} scored / {frames["total"]} '
+                       f'({frames["no_ground_truth"]} without ground truth)')]
+    if recall['available']:
+        rows.append((f'Recall@1/5/10 ({recall["threshold_m"]:g} m)', ' / '.join(
+            _fmt(recall.get(f'at_{k}'), percent=True) for k in DEFAULT_KS)))
+    else:
+        rows.append(('Recall@k', 'not available'))
+    for name, stats in (('error, all (m)', err_all), ('error, fixes (m)', err_fix)):
+        rows.append((name, f'median {_fmt(stats["median"])}  p90 {_fmt(stats["p90"])}  '
+                           f'max {_fmt(stats["max"])}  (n={stats["count"]})'))
+    rows.append(('fixes', f'{fixes["count"]}, share {_fmt(fixes["share"], percent=True)}, '
+                          f'precision {_fmt(fixes["precision"], percent=True)} '
+                          f'(<= {fixes["threshold_m"]:g} m)'))
+    rows.append(('inside 1 / 2 sigma', f'{_fmt(cal["within_1sigma"], percent=True)} / '
+                                       f'{_fmt(cal["within_2sigma"], percent=True)} (Gaussian '
+                                       f'39.3 / 86.5 %), scale for 95 % in 2 sigma '
+                                       f'{_fmt(cal["scale_for_95pct_within_2sigma"], digits=2)}'))
+    rows.append(('heading error (deg)', f'median {_fmt(head.get("median"))}  p90 '
+                                        f'{_fmt(head.get("p90"))}' if head['available']
+                 else 'not available'))
+    rows.append(('latency (ms)', f'median {_fmt(lat["median"] * 1e3)}  p90 '
+                                 f'{_fmt(lat["p90"] * 1e3)}' if lat['available']
+                 else 'not available'))
+    width = max(len(name) for name, _ in rows)
+    lines = [f'{name:<{width}}  {value}' for name, value in rows]
+    lines += [f'warning: {w}' for w in metrics.get('warnings', [])]
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of `taco-cvgl evaluate`."""
+    parser = argparse.ArgumentParser(
+        prog='taco-cvgl evaluate', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--bag', type=Path, required=True,
+                        help='rosbag2 (directory, .mcap or .db3; MCAP or sqlite3) to evaluate')
+    parser.add_argument('--gt-topic', required=True,
+                        help='ground-truth sensor_msgs/NavSatFix topic (interpolated in time)')
+    parser.add_argument('--gt-bag', type=Path,
+                        help='read the ground truth from this bag instead of --bag')
+    parser.add_argument('--image-topic',
+                        help='camera topic (Image or CompressedImage): localize each image; '
+                             'with --estimate-topic, only counted for the fix share')
+    parser.add_argument('--estimate-topic',
+                        help='score this recorded estimate topic (NavSatFix or '
+                             'GeoPoseWithCovarianceStamped) instead of running the localizer')
+    parser.add_argument('--db', type=Path, help='database built by build-db (needed to '
+                        'localize; with --estimate-topic, drawn under the track)')
+    parser.add_argument('--weights', type=Path, help='the weights that built the database')
+    parser.add_argument('--out', type=Path, required=True,
+                        help='folder for metrics.json, frames.csv and the plots')
+    parser.add_argument('--threshold-m', type=float, default=25.0,
+                        help='distance (m) within which a retrieved place counts as a hit '
+                             '(default 25)')
+    parser.add_argument('--fix-threshold-m', type=float,
+                        help='distance (m) within which a fix counts as precise (default: '
+                             '--threshold-m)')
+    parser.add_argument('--max-gt-gap-s', type=float, default=1.0,
+                        help='largest time (s) from a frame to the ground-truth fixes around '
+                             'it; frames further away count as without ground truth '
+                             '(default 1.0)')
+    parser.add_argument('--gt-heading-topic',
+                        help='ground-truth heading: geometry_msgs/QuaternionStamped or '
+                             'sensor_msgs/Imu orientation (ENU); without it no heading error')
+    parser.add_argument('--top-k', type=int, default=10, help='neighbours to retrieve')
+    parser.add_argument('--min-confidence', type=float, default=0.5,
+                        help='below this confidence a frame gets no fix (default 0.5)')
+    parser.add_argument('--index', default='auto', choices=('auto', 'exact', 'hnsw', 'ivfpq'),
+                        help='search index (auto: exact, approximate above 200k entries on CPU)')
+    parser.add_argument('--camera-yaw-deg', type=float, default=0.0,
+                        help='camera mounting yaw relative to the robot (deg, CCW positive)')
+    parser.add_argument('--max-frames', type=int,
+                        help='stop after this many images (the result is marked incomplete)')
+    parser.add_argument('--grid-rows', type=int, default=6,
+                        help='queries shown in the retrieval grid (0: no grid; default 6)')
+    parser.add_argument('--map-image', type=Path,
+                        help='image drawn under the track plot (north up), with --map-extent')
+    parser.add_argument('--map-extent', type=float, nargs=4,
+                        metavar=('WEST', 'EAST', 'SOUTH', 'NORTH'),
+                        help='longitudes and latitudes (deg) of the --map-image edges')
+    parser.add_argument('--no-plots', action='store_true',
+                        help='write metrics.json and frames.csv only, no pictures')
+    parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+    add_runtime_args(parser)
+    return parser
+
+
+def _background(image: Optional[Path], extent: Optional[Sequence[float]]):
+    """Return the plots.MapBackground of --map-image/--map-extent, or None."""
+    if image is None and extent is None:
+        return None
+    if image is None or extent is None:
+        raise InputError('--map-image and --map-extent go together')
+    from taco_cvgl.image_codec import load_image_file
+    from taco_cvgl.plots import MapBackground
+    west, east, south, north = extent
+    if not (west < east and south < north):
+        raise InputError(f'--map-extent must be WEST EAST SOUTH NORTH with WEST < EAST and '
+                         f'SOUTH < NORTH, got {extent}')
+    return MapBackground(load_image_file(image), (west, east, south, north))
+
+
+@reports_errors
+def main(argv: Optional[list] = None) -> int:
+    """Parse arguments, evaluate, print a summary; exit 0 complete, 1 incomplete, 130 on Ctrl-C."""
+    args = build_parser().parse_args(argv)
+    background = _background(args.map_image, args.map_extent)
+    progress = not args.no_progress
+    if args.estimate_topic:
+        result = evaluate_recorded(
+            args.bag, args.estimate_topic, args.gt_topic, args.out, gt_bag=args.gt_bag,
+            image_topic=args.image_topic, gt_heading_topic=args.gt_heading_topic,
+            threshold_m=args.threshold_m, fix_threshold_m=args.fix_threshold_m,
+            max_gt_gap_s=args.max_gt_gap_s, db=args.db, background=background,
+            progress=progress, plots=not args.no_plots)
+    else:
+        missing = [flag for flag, value in (('--image-topic', args.image_topic),
+                                            ('--db', args.db), ('--weights', args.weights))
+                   if not value]
+        if missing:
+            raise InputError(f'evaluating a camera bag needs {", ".join(missing)} (or give '
+                             f'--estimate-topic to score a bag recorded from the node)')
+        config = LocalizerConfig(top_k=args.top_k, index=args.index,
+                                 estimator=EstimatorConfig(min_confidence=args.min_confidence))
+        result = evaluate_bag(
+            args.bag, args.image_topic, args.gt_topic, args.db, args.weights, args.out,
+            gt_bag=args.gt_bag, gt_heading_topic=args.gt_heading_topic,
+            threshold_m=args.threshold_m, fix_threshold_m=args.fix_threshold_m,
+            max_gt_gap_s=args.max_gt_gap_s, config=config, device=args.device,
+            precision=args.precision, camera_yaw_deg=args.camera_yaw_deg,
+            max_frames=args.max_frames, grid_rows=args.grid_rows, background=background,
+            progress=progress, plots=not args.no_plots)
+    print(format_summary(result.metrics))
+    print(f'wrote {result.paths["metrics"]} and {len(result.paths) - 1} more file(s) in '
+          f'{args.out}')
+    stopped = result.metrics.get('stopped') or ''
+    if stopped.startswith('interrupted'):
+        return 130
+    if result.complete or stopped.startswith('stopped after max_frames'):
+        return 0
+    return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
