@@ -1,4 +1,5 @@
-"""Build a database from GPS-tagged images, then localize query images against it.
+"""
+Build a database from GPS-tagged images, then localize query images against it.
 
 Usage: python examples/build_and_query.py WEIGHTS IMAGES_DIR CSV QUERY_IMAGE [QUERY_IMAGE ...]
 
@@ -6,9 +7,9 @@ This is the design's second example, written against the package's Python API: t
 CVGLLocalizer that the ROS node and the bag evaluation use.
 """
 
+from pathlib import Path
 import sys
 import tempfile
-from pathlib import Path
 
 from taco_cvgl.database import build_database, read_csv
 from taco_cvgl.embedder import ImageRetrievalModel

@@ -1,4 +1,5 @@
-"""Read and write rosbag2 bags (MCAP and sqlite3) without ROS, through the ``rosbags`` library.
+"""
+Read and write rosbag2 bags (MCAP and sqlite3) without ROS, through the ``rosbags`` library.
 
 Times are integer nanoseconds since the Unix epoch. A message's *log time* is when the recorder
 received it (the bag's own timestamp); its *stamp* is ``header.stamp``. Images come out in the core
@@ -29,7 +30,6 @@ from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer, WriterEr
 from rosbags.serde import SerdeError
 from rosbags.typesys import get_types_from_msg, get_typestore, Stores, TypesysError
 from rosbags.typesys.store import Typestore
-
 from taco_cvgl import image_codec
 from taco_cvgl.errors import InputError
 
@@ -161,7 +161,8 @@ def stamp_ns(msg: Any, fallback_ns: int) -> int:
 
 def iter_messages(bag_path: str | os.PathLike, topics: Iterable[str] | None = None
                   ) -> Iterator[tuple[str, str, int, Any]]:
-    """Yield (topic, msgtype, log_time_ns, message) in log-time order.
+    """
+    Yield (topic, msgtype, log_time_ns, message) in log-time order.
 
     ``topics`` None reads every topic; a topic the bag lacks raises InputError listing the bag's
     topics. A message that cannot be deserialized raises InputError naming topic and time.
@@ -206,7 +207,8 @@ def iter_raw(bag_path: str | os.PathLike, topics: Iterable[str] | None = None
 
 
 class ImageStream:
-    """The images of one topic of a bag, an iterator of (stamp_ns, rgb).
+    """
+    The images of one topic of a bag, an iterator of (stamp_ns, rgb).
 
     ``stamp_ns`` is ``header.stamp``, or the log time when the stamp is zero. Raw
     (``sensor_msgs/msg/Image``) and compressed (``sensor_msgs/msg/CompressedImage``) topics both
@@ -280,7 +282,8 @@ def iter_images(bag_path: str | os.PathLike, topic: str) -> ImageStream:
 
 @dataclass
 class GpsTrack:
-    """Positions over time, sorted by stamp.
+    """
+    Positions over time, sorted by stamp.
 
     Arrays of equal length N: ``stamps_ns`` (int64 ns), ``lat`` and ``lon`` (WGS 84 degrees),
     ``alt`` (m above the WGS 84 ellipsoid, NaN when unknown), ``status`` (NavSatStatus.status;
@@ -325,7 +328,8 @@ class GpsTrack:
 
     def interpolate_many(self, stamps_ns: Any, max_gap_s: float = 1.0
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Interpolate linearly in time at many stamps; return (lat, lon, alt, valid).
+        """
+        Interpolate linearly in time at many stamps; return (lat, lon, alt, valid).
 
         A stamp is valid when it lies within the track and both positions around it are at most
         ``max_gap_s`` seconds away from it (an exact match is always valid); invalid entries are
@@ -365,7 +369,8 @@ class GpsTrack:
 
 
 def read_navsat(bag_path: str | os.PathLike, topic: str) -> GpsTrack:
-    """Read a position topic into a GpsTrack.
+    """
+    Read a position topic into a GpsTrack.
 
     Reads ``sensor_msgs/msg/NavSatFix`` (ground truth or estimates) and the geographic_msgs
     GeoPoseWithCovarianceStamped, GeoPoseStamped and GeoPointStamped estimate topics. Stamps are
@@ -433,7 +438,8 @@ def _header(stamp: int, frame_id: str) -> Any:
 
 
 class BagWriter:
-    """Write a rosbag2 bag (MCAP or sqlite3), all or nothing; usable from any thread.
+    """
+    Write a rosbag2 bag (MCAP or sqlite3), all or nothing; usable from any thread.
 
     Messages go to a hidden temporary directory next to ``path``; ``close()`` renames the finished
     bag into place. On an exception inside ``with``, or after a crash, nothing appears at
@@ -523,7 +529,8 @@ class BagWriter:
     def write_image(self, topic: str, stamp_ns: int, rgb: np.ndarray, frame_id: str = 'camera',
                     encoding: str = 'bgr8', compressed: str | None = None,
                     quality: int = 90) -> None:
-        """Write an (H, W, 3) uint8 RGB image as an Image, or a CompressedImage when compressed.
+        """
+        Write an (H, W, 3) uint8 RGB image as an Image, or a CompressedImage when compressed.
 
         ``compressed`` is None (raw ``encoding``), 'jpeg' or 'png'.
         """
@@ -558,7 +565,8 @@ class BagWriter:
     def write_geopose(self, topic: str, stamp_ns: int, lat: float, lon: float, alt: float,
                       cov: Any = None, orientation: tuple[float, float, float, float] = (
                           0.0, 0.0, 0.0, 1.0), frame_id: str = 'map') -> None:
-        """Write a GeoPoseWithCovarianceStamped; ``cov`` is 6x6 (or 36) or None (zeros).
+        """
+        Write a GeoPoseWithCovarianceStamped; ``cov`` is 6x6 (or 36) or None (zeros).
 
         ``orientation`` is an (x, y, z, w) quaternion in the local ENU frame.
         """

@@ -1,4 +1,5 @@
-"""The one typed description of a model, saved inside every weights file and every database.
+"""
+The one typed description of a model, saved inside every weights file and every database.
 
 Because the preprocessing (input size, normalisation, colour order) is part of this config, the
 database builder, the node and the training all prepare images the same way: a database refuses a
@@ -24,7 +25,8 @@ NORMALIZATIONS = ('imagenet', 'per_image')
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and preprocessing of an `ImageRetrievalModel`.
+    """
+    Architecture and preprocessing of an `ImageRetrievalModel`.
 
     input_size is (height, width) in pixels after resizing. normalization 'imagenet' subtracts
     mean and divides by std (per channel, RGB order, values in [0, 1]); 'per_image' standardises

@@ -1,4 +1,5 @@
-"""The embedding database: GPS-tagged embeddings, built from images, stored without pickle.
+"""
+The embedding database: GPS-tagged embeddings, built from images, stored without pickle.
 
 File format (`.npz`, read with allow_pickle=False): `embeddings` NxD (fp16 or fp32, rows
 L2-normalised), `latitude`, `longitude`, `altitude`, `heading` (float64, NaN where unknown; heading
@@ -9,19 +10,18 @@ killed build never leaves a file that loads as a database.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import csv
 import dataclasses
 import datetime
 import json
 import math
 import os
-import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
+import zipfile
 
 import numpy as np
-
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.errors import InputError, MismatchError
 
@@ -51,7 +51,8 @@ def check_coordinates(lat: float, lon: float, where: str) -> None:
 
 
 def read_csv(csv_path, images_dir=None) -> List[ImageRecord]:
-    """Read the database CSV `image_path,latitude,longitude[,heading][,altitude]`.
+    """
+    Read the database CSV `image_path,latitude,longitude[,heading][,altitude]`.
 
     Relative image paths are taken relative to images_dir (default: the CSV's folder). Errors name
     the file and line.
@@ -251,7 +252,8 @@ class EmbeddingDatabase:
 
 def typical_spacing_m(latitude: np.ndarray, longitude: np.ndarray, sample: int = 2000,
                       seed: int = 0) -> float:
-    """Return the median distance from a database place to its nearest other place (metres).
+    """
+    Return the median distance from a database place to its nearest other place (metres).
 
     Places at the same spot (several headings of one place) are skipped, so the figure is the
     grid stride of the database, which sets the floor of any position estimate's uncertainty.
@@ -278,7 +280,8 @@ def build_database(model, records: Sequence[ImageRecord], batch_size: int = 32,
                    workers: int = 4, skip_bad: bool = False, progress: bool = True,
                    source: str = '', on_skip: Optional[Callable[[str, str], None]] = None,
                    ) -> EmbeddingDatabase:
-    """Embed every record's image with `model` (already on its runtime device).
+    """
+    Embed every record's image with `model` (already on its runtime device).
 
     Missing files are reported all at once before any work starts. An unreadable image is an
     error naming the file, or skipped and counted when skip_bad is set.

@@ -1,4 +1,5 @@
-"""ImageRetrievalModel: ConvNeXt-Tiny -> pooling -> projection head -> L2-normalised embedding.
+"""
+ImageRetrievalModel: ConvNeXt-Tiny -> pooling -> projection head -> L2-normalised embedding.
 
 Weights are saved without pickle (safetensors, with the `ModelConfig` and a fingerprint in the
 header), so a weights file can be loaded safely from anywhere. The fingerprint is a hash of the
@@ -15,14 +16,13 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
+from taco_cvgl.config import ModelConfig
+from taco_cvgl.errors import InputError, MismatchError, TacoError
+from taco_cvgl.preprocess import prepare_batch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.errors import InputError, MismatchError, TacoError
-from taco_cvgl.preprocess import prepare_batch
 
 BACKBONE_CHANNELS = {'convnext_tiny': 768}
 PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
@@ -49,7 +49,8 @@ def imagenet_weights_path() -> Path:
 
 
 def load_backbone_state(source: str) -> dict:
-    """Return a torchvision convnext_tiny state dict from 'imagenet' or a local file.
+    """
+    Return a torchvision convnext_tiny state dict from 'imagenet' or a local file.
 
     'imagenet' uses torchvision's cache (downloading into it when the network allows); where the
     download cannot happen, the error says which file to place where.
@@ -63,8 +64,9 @@ def load_backbone_state(source: str) -> dict:
             return weights.get_state_dict(progress=True, check_hash=True)
         except Exception as exc:  # urllib, socket and hash errors all mean "not available"
             raise TacoError(
-                f'cannot download the ImageNet weights for ConvNeXt-Tiny ({exc.__class__.__name__}:'
-                f' {exc}). On a machine with internet run once: python -c "import torchvision; '
+                f'cannot download the ImageNet weights for ConvNeXt-Tiny '
+                f'({exc.__class__.__name__}: {exc}). On a machine with internet run once: '
+                f'python -c "import torchvision; '
                 f"torchvision.models.convnext_tiny(weights='IMAGENET1K_V1')\", or copy "
                 f'{os.path.basename(weights.url)} (from {weights.url}) to {cached}, or pass a '
                 f'local file as the backbone weights, or use none to start from random weights.'
@@ -130,7 +132,8 @@ class ImageRetrievalModel(nn.Module):
 
     # ----------------------------------------------------------------------------- runtime
     def to_runtime(self, device: str = 'auto', precision: str = 'auto') -> 'ImageRetrievalModel':
-        """Move to a device for inference: eval mode, channels_last and an autocast precision.
+        """
+        Move to a device for inference: eval mode, channels_last and an autocast precision.
 
         device 'auto' picks CUDA when present. precision 'auto' is fp16 autocast on CUDA and fp32
         on CPU (bf16 on CPU is faster where the CPU supports it; choose it explicitly).
@@ -214,7 +217,8 @@ class ImageRetrievalModel(nn.Module):
 
     # ----------------------------------------------------------------------------- files
     def save(self, path: Union[str, Path], dtype: str = 'fp16') -> str:
-        """Write safetensors weights (fp16 or fp32) atomically; return the loaded fingerprint.
+        """
+        Write safetensors weights (fp16 or fp32) atomically; return the loaded fingerprint.
 
         The returned fingerprint is that of the model as `load` will rebuild it (fp16 rounding
         included), which is what a database built from this file will record.

@@ -1,16 +1,17 @@
-"""From the top-k retrieved database places to a pose estimate with a covariance and a confidence.
+"""
+From the top-k retrieved database places to a pose estimate with a covariance and a confidence.
 
 The estimate is built on what the retrieval says about itself:
 - Each neighbour gets a weight w = exp((s - s_best) / T) from its cosine similarity s.
 - Neighbours that lie within `consistency_radius_m` of one another vote for one place. The place
   with the largest share of the weight wins; that share is the confidence (1.0 when every strong
-  match agrees, ~1/k when the matches scatter over the map, which is what a wrong match looks like).
+  match agrees, ~1/k when the matches scatter over the map, as they do for a wrong match).
 - Position: the weighted mean of the winning cluster. Covariance (ENU, m^2): the weighted spread of
   the cluster plus a floor for the database's own grid (a retrieval cannot be more precise than the
-  spacing of the places it can return), times a calibration scale. The scale is chosen on evaluation
-  data so that ~95 % of errors fall inside the 2-sigma (Mahalanobis distance 2) ellipse (see
-  `calibrate_scale`): for a true 2-D Gaussian that ellipse would hold 86.5 %, so this covariance
-  is deliberately conservative, as a fix fused by an EKF should be.
+  spacing of the places it can return), times a calibration scale. The scale is chosen on
+  evaluation data so that ~95 % of errors fall inside the 2-sigma (Mahalanobis distance 2)
+  ellipse (see `calibrate_scale`): for a true 2-D Gaussian that ellipse would hold 86.5 %, so
+  this covariance is deliberately conservative, as a fix fused by an EKF should be.
 - Heading: the circular weighted mean of the cluster's headings (with the camera's mounting yaw
   applied by the caller), and its circular variance.
 """
@@ -22,7 +23,6 @@ import math
 from typing import Optional
 
 import numpy as np
-
 from taco_cvgl.errors import InputError
 from taco_cvgl.geodesy import from_enu, to_enu, wrap_degrees
 
@@ -86,7 +86,8 @@ def _circular_mean(angles_deg: np.ndarray, weights: np.ndarray):
 def estimate_pose(latitude, longitude, altitude, heading, similarity,
                   grid_spacing_m: float, config: EstimatorConfig = EstimatorConfig(),
                   heading_offset_deg: float = 0.0) -> PoseEstimate:
-    """Estimate a pose from k neighbours (arrays in order of decreasing similarity).
+    """
+    Estimate a pose from k neighbours (arrays in order of decreasing similarity).
 
     heading_offset_deg is added to the neighbours' headings (e.g. the camera's mounting yaw,
     negated, to turn a camera heading into the robot's).
@@ -153,7 +154,8 @@ def mahalanobis_sq(errors_en: np.ndarray, covariances: np.ndarray) -> np.ndarray
 
 def calibrate_scale(errors_en: np.ndarray, covariances: np.ndarray, target: float = 0.95,
                     sigmas: float = 2.0) -> float:
-    """Return the factor to multiply covariances by so `target` of errors fall within `sigmas`.
+    """
+    Return the factor to multiply covariances by so `target` of errors fall within `sigmas`.
 
     The result multiplies `EstimatorConfig.covariance_scale` (a covariance already scaled by c
     is passed in as is, and the returned factor is relative to it).

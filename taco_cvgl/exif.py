@@ -32,7 +32,8 @@ def _degrees(dms, ref: str) -> float:
 
 
 def read_gps(path) -> Optional[GpsTag]:
-    """Return the GPS tag of an image file, or None where it has none.
+    """
+    Return the GPS tag of an image file, or None where it has none.
 
     Altitude is negative when GPSAltitudeRef is 1 (below sea level). Heading is GPSImgDirection;
     a magnetic reference ('M') is kept as is, since the declination is not known here.

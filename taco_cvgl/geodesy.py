@@ -1,4 +1,5 @@
-"""Geodesy on the WGS84 ellipsoid through pyproj, and the heading conventions used everywhere.
+"""
+Geodesy on the WGS84 ellipsoid through pyproj, and the heading conventions used everywhere.
 
 Conventions:
 - latitude/longitude in degrees (WGS84), altitude in metres above the ellipsoid where known.

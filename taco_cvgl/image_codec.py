@@ -1,4 +1,5 @@
-"""Decode and encode ROS image message fields without ROS.
+"""
+Decode and encode ROS image message fields without ROS.
 
 The core's image convention: a numpy ``uint8`` array of shape (H, W, 3) in RGB order, C-contiguous.
 This module turns the fields of ``sensor_msgs/msg/Image`` (encoding, height, width, step, data,
@@ -29,7 +30,6 @@ from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
-
 from taco_cvgl.errors import InputError
 
 
@@ -139,7 +139,8 @@ def _to_8bit(samples: np.ndarray) -> np.ndarray:
 
 def decode_raw(encoding: str, height: int, width: int, step: int, data: Any,
                is_bigendian: bool = False) -> np.ndarray:
-    """Decode ``sensor_msgs/msg/Image`` fields to an (H, W, 3) uint8 RGB array.
+    """
+    Decode ``sensor_msgs/msg/Image`` fields to an (H, W, 3) uint8 RGB array.
 
     ``step`` is the length of one row in bytes (it may include padding at the end of each row);
     ``data`` must hold at least ``step * height`` bytes (``step * height * 3 / 2`` for nv12/nv21).
@@ -206,7 +207,8 @@ def _compressed_codec(fmt: str) -> str:
 
 
 def decode_compressed(fmt: str, data: Any) -> np.ndarray:
-    """Decode ``sensor_msgs/msg/CompressedImage`` fields to an (H, W, 3) uint8 RGB array.
+    """
+    Decode ``sensor_msgs/msg/CompressedImage`` fields to an (H, W, 3) uint8 RGB array.
 
     ``fmt`` is the message's format field, such as 'jpeg', 'png', 'bgr8; jpeg compressed bgr8' or
     '16UC1; compressedDepth png'; an empty format lets the decoder recognise the data.
@@ -269,7 +271,8 @@ def _to_16bit(samples: np.ndarray) -> np.ndarray:
 
 
 def encode_raw(rgb: np.ndarray, encoding: str = 'bgr8') -> tuple[str, int, int, int, bytes]:
-    """Encode an (H, W, 3) uint8 RGB image as ``sensor_msgs/msg/Image`` fields.
+    """
+    Encode an (H, W, 3) uint8 RGB image as ``sensor_msgs/msg/Image`` fields.
 
     Returns (encoding, height, width, step, data) with rows packed without padding and 16-bit
     samples little-endian (so ``is_bigendian`` is 0). Every encoding in SUPPORTED_ENCODINGS is
@@ -321,7 +324,8 @@ def _mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
 
 
 def encode_compressed(rgb: np.ndarray, fmt: str = 'jpeg', quality: int = 90) -> tuple[str, bytes]:
-    """Encode an (H, W, 3) uint8 RGB image as ``sensor_msgs/msg/CompressedImage`` fields.
+    """
+    Encode an (H, W, 3) uint8 RGB image as ``sensor_msgs/msg/CompressedImage`` fields.
 
     ``fmt`` is 'jpeg' or 'png'; ``quality`` (0-100) applies to JPEG. Returns (format, data) with
     the format string image_transport writes ('rgb8; jpeg compressed bgr8': the source was rgb8,
@@ -342,7 +346,8 @@ def encode_compressed(rgb: np.ndarray, fmt: str = 'jpeg', quality: int = 90) -> 
 
 
 def load_image_file(path: str | Path) -> np.ndarray:
-    """Read an image file (JPEG, PNG, TIFF, ...) as an (H, W, 3) uint8 RGB array.
+    """
+    Read an image file (JPEG, PNG, TIFF, ...) as an (H, W, 3) uint8 RGB array.
 
     16-bit files are reduced to 8 bits by keeping the high byte, alpha is dropped, grey is
     replicated. OpenCV decodes first; Pillow is the fallback for files OpenCV cannot read.
@@ -381,7 +386,8 @@ def _load_with_pillow(raw: bytes, what: str) -> np.ndarray:
 
 
 def decode_msg(msg: Any) -> np.ndarray:
-    """Decode an Image or CompressedImage message object to an (H, W, 3) uint8 RGB array.
+    """
+    Decode an Image or CompressedImage message object to an (H, W, 3) uint8 RGB array.
 
     Duck-typed: any object with the fields (encoding, height, width, step, data[, is_bigendian])
     or (format, data) works, whether it came from rclpy or from the rosbags deserializer.

@@ -1,4 +1,4 @@
-"""CVGLLocalizer: image in, GPS measurement out. The one object the node, the tools and tests use."""
+"""CVGLLocalizer: image in, GPS measurement out; the one object the node and the tools share."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import time
 from typing import List, Optional, Sequence
 
 import numpy as np
-
 from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError, TacoError
 from taco_cvgl.estimate import estimate_pose, EstimatorConfig, PoseEstimate
 from taco_cvgl.geodesy import from_enu, to_enu, wrap_degrees
 from taco_cvgl.preprocess import to_rgb_array
-from taco_cvgl.rerank import (offset_to_enu, Reranker, RerankConfig, Verification,
+from taco_cvgl.rerank import (offset_to_enu, RerankConfig, Reranker, Verification,
                               verified_position_sigma_m)
 from taco_cvgl.search import make_index
 
@@ -60,7 +59,8 @@ class Match:
 
 @dataclasses.dataclass
 class Measurement:
-    """A GPS measurement from one image.
+    """
+    A GPS measurement from one image.
 
     position_covariance is 3x3 in ENU (m^2) around the estimate; heading in degrees clockwise from
     north (NaN when the database has no headings), heading_variance in rad^2. fix is False when
@@ -164,7 +164,8 @@ class CVGLLocalizer:
     def localize_batch(self, images: Sequence, timestamps: Optional[Sequence] = None,
                        camera_yaws_deg: Optional[Sequence[float]] = None,
                        color_order: str = 'rgb') -> List[Measurement]:
-        """Localize several images (e.g. one per camera) in one batch on the device.
+        """
+        Localize several images (e.g. one per camera) in one batch on the device.
 
         camera_yaws_deg: each camera's mounting yaw relative to the robot's forward axis,
         counter-clockwise positive (REP-103); the returned heading is the robot's.
@@ -211,7 +212,7 @@ class CVGLLocalizer:
                 last[2] is None or not 0 <= timestamp - last[2] <= config.prior_max_age_s:
             return none
         dist = np.hypot(self._enu[:, 0] - last[0], self._enu[:, 1] - last[1])
-        seen = set(int(j) for j in retrieved)
+        seen = {int(j) for j in retrieved}
         near = [int(j) for j in np.argsort(dist)[:config.prior_candidates]
                 if dist[j] <= config.prior_radius_m and int(j) not in seen]
         if not near:
@@ -246,7 +247,8 @@ class CVGLLocalizer:
 
     def _apply_verification(self, m: Measurement, pose: PoseEstimate, idx: np.ndarray,
                             verification: Optional[Verification], yaw: float) -> None:
-        """Replace the retrieval estimate by the geometrically verified one, or withhold it.
+        """
+        Replace the retrieval estimate by the geometrically verified one, or withhold it.
 
         Without a verified candidate the measurement keeps the retrieval estimate for the
         record but is not a fix: retrieval alone is wrong too often to publish.
@@ -279,4 +281,3 @@ class CVGLLocalizer:
         covariance = np.array(pose.position_covariance, dtype=float)
         covariance[:2, :2] = scale * sigma ** 2 * np.eye(2)
         m.position_covariance = covariance
-

@@ -1,4 +1,5 @@
-"""Image -> network input tensor, exactly as described by a `ModelConfig`.
+"""
+Image -> network input tensor, exactly as described by a `ModelConfig`.
 
 Images enter as uint8 arrays HxWx3 in RGB order (the core's convention). Resizing and
 normalisation run in torch, so on a GPU the uint8 pixels are uploaded once (4x smaller than float)
@@ -11,11 +12,10 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.errors import InputError
+import torch
+import torch.nn.functional as F
 
 ImageLike = Union[np.ndarray, 'PIL.Image.Image', torch.Tensor]  # noqa: F821
 
@@ -42,7 +42,8 @@ def to_rgb_array(image, color_order: str = 'rgb') -> np.ndarray:
 
 
 def image_to_tensor(image, color_order: str = 'rgb') -> torch.Tensor:
-    """Return a uint8 tensor 3xHxW (RGB) from an array, a PIL image or a tensor.
+    """
+    Return a uint8 tensor 3xHxW (RGB) from an array, a PIL image or a tensor.
 
     A tensor is taken as already RGB: uint8 3xHxW, or float 3xHxW in [0, 1].
     """

@@ -1,4 +1,5 @@
-"""Geometric verification of retrieved candidates with local features (SIFT + RANSAC).
+"""
+Geometric verification of retrieved candidates with local features (SIFT + RANSAC).
 
 Global embeddings find the right neighbourhood; local features decide which candidate really
 shows the same ground, and where in it the camera looks. For each of the top candidates the
@@ -27,7 +28,6 @@ from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
-
 from taco_cvgl.errors import InputError
 
 
@@ -107,7 +107,8 @@ class Reranker:
         return Features(rgb, self.detector)
 
     def verify(self, query: Features, candidates: Sequence[int]) -> Optional[Verification]:
-        """Return the best verified candidate among `candidates` (database indices), or None.
+        """
+        Return the best verified candidate among `candidates` (database indices), or None.
 
         Every candidate given is checked: the caller chooses how many (RerankConfig.candidates).
         """
@@ -129,7 +130,8 @@ class Reranker:
         up = matrix[:, :2] @ np.array([0.0, -1.0])      # query "up" in candidate pixels
         rotation = math.degrees(math.atan2(up[0], -up[1])) % 360.0
         scale = float(np.linalg.norm(up))
-        return Verification(index=int(candidates[rank]), inliers=inliers, residual_px=residual, offset_px=offset,
+        return Verification(index=int(candidates[rank]), inliers=inliers, residual_px=residual,
+                            offset_px=offset,
                             rotation_deg=rotation, scale=scale, inliers_per_candidate=counts)
 
     def _match(self, query: Features, ref: Features):
@@ -154,7 +156,8 @@ class Reranker:
 
 
 def offset_to_enu(offset_px: np.ndarray, gsd_m: float, image_heading_deg: float) -> np.ndarray:
-    """Turn an offset in image pixels (x right, y down) into (east, north) metres.
+    """
+    Turn an offset in image pixels (x right, y down) into (east, north) metres.
 
     image_heading_deg is the compass direction the image's top points to (0 for a north-up tile).
     """
@@ -167,7 +170,8 @@ def offset_to_enu(offset_px: np.ndarray, gsd_m: float, image_heading_deg: float)
 
 
 def verified_position_sigma_m(verification: Verification, gsd_m: float) -> float:
-    """Return the 1-sigma horizontal error (metres, before calibration) of a verified position.
+    """
+    Return the 1-sigma horizontal error (metres, before calibration) of a verified position.
 
     The fitted centre is an average over the inliers: its error shrinks as residual/sqrt(n),
     but never below one database pixel (the map's own registration and the flat-ground model).

@@ -1,4 +1,5 @@
-"""Top-k cosine search over L2-normalised embeddings: exact (torch) or approximate (faiss).
+"""
+Top-k cosine search over L2-normalised embeddings: exact (torch) or approximate (faiss).
 
 Exact search is a matrix product and a top-k on the GPU (fp16) or CPU (fp32), in chunks so the
 similarity matrix never exceeds a few hundred MB. For databases of millions on a CPU, a faiss
@@ -11,9 +12,8 @@ import math
 from typing import Optional, Tuple
 
 import numpy as np
-import torch
-
 from taco_cvgl.errors import InputError
+import torch
 
 INDEX_KINDS = ('auto', 'exact', 'hnsw', 'ivfpq')
 # 'auto' switches to an approximate index above this many entries on the CPU.

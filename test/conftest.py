@@ -1,17 +1,15 @@
 """Shared fixtures: real Landsat-8 imagery and a small map built from it."""
 
 import csv
-import os
 import random
 import types
 
 import cv2
 import numpy as np
 import pytest
-import torch
-
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.embedder import ImageRetrievalModel
+import torch
 
 # Camera-sized crops (height, width) cut from the scene for the map and the node tests.
 PLACE_SHAPE = (480, 640)
@@ -19,7 +17,7 @@ PLACE_SHAPE = (480, 640)
 
 @pytest.fixture(scope='session')
 def scene():
-    """The demo's Landsat-8 scene (fetched once by `make setup`, cached)."""
+    """Load the Landsat-8 image of the demo, fetched once by `make setup` and cached."""
     from taco_cvgl.demo.scene import load_scene
     return load_scene()
 
@@ -43,7 +41,8 @@ def place_centres(scene, count, shape=PLACE_SHAPE, min_apart_px=250, seed=0):
 
 @pytest.fixture(scope='session')
 def small_map(scene, tmp_path_factory):
-    """A random-init 64 px model and a database of 8 real 640x480 places (JPEG + CSV).
+    """
+    Build a random-init 64 px model and a database of 8 real 640x480 places (PNG + CSV).
 
     `.places` holds (rgb image, latitude, longitude) per place; each place's own image
     retrieves itself first.
@@ -75,18 +74,3 @@ def small_map(scene, tmp_path_factory):
              precision='fp32', progress=False)
     return types.SimpleNamespace(weights=weights, db=db, images_dir=images_dir,
                                  csv=images_dir / 'places.csv', places=places)
-
-
-@pytest.fixture
-def ros_domain_id(monkeypatch):
-    """A ROS_DOMAIN_ID of this test's own, so concurrent test runs do not hear each other."""
-    domain = str(random.SystemRandom().randint(1, 100))
-    monkeypatch.setenv('ROS_DOMAIN_ID', domain)
-    return domain
-
-
-def env_with(**extra):
-    """Return os.environ plus extra variables (for subprocesses)."""
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
-
 from taco_cvgl import bags, image_codec
 from taco_cvgl.ros.bag_replay import BagPlayer, Recorder, replay
 

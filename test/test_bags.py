@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-
 from taco_cvgl import bags, image_codec
 from taco_cvgl.errors import InputError
 

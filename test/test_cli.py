@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.geodesy import distance_m
 

@@ -4,18 +4,17 @@ import math
 import os
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
-
+import pytest
 from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import (EmbeddingDatabase, build_database, read_csv,
-                                records_from_exif, typical_spacing_m)
+from taco_cvgl.database import (build_database, EmbeddingDatabase, read_csv, records_from_exif,
+                                typical_spacing_m)
 from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError, MismatchError
 from taco_cvgl.exif import GpsTag, read_gps, write_gps
 from taco_cvgl.geodesy import from_enu
 from taco_cvgl.localizer import CVGLLocalizer
+import torch
 
 
 def test_round_trip_keeps_everything(small_map, tmp_path):

@@ -7,14 +7,13 @@ import cv2
 import numpy as np
 from pyproj import Geod
 import pytest
-import tifffile
-
 from taco_cvgl.demo import scene as scene_mod
 from taco_cvgl.demo.scene import (Box, fetch_scene, load_scene, make_tiles, split_regions,
                                   write_tiles)
 from taco_cvgl.demo.views import (Appearance, apply_appearance, flight_path, random_view,
                                   render_view, simulate_flight, view_radius_px)
 from taco_cvgl.errors import InputError
+import tifffile
 
 GEOD = Geod(ellps='WGS84')
 # shared/DATA.md: the scene covers about lon -54.84..-54.23, lat -25.60..-25.08; the corners of the

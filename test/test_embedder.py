@@ -1,13 +1,12 @@
 """The real ConvNeXt-Tiny embedder on small inputs on the CPU."""
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
-
+import pytest
 from taco_cvgl.config import ModelConfig
-from taco_cvgl.embedder import ImageRetrievalModel, imagenet_weights_path
+from taco_cvgl.embedder import imagenet_weights_path, ImageRetrievalModel
 from taco_cvgl.errors import InputError, MismatchError, TacoError
+import torch
 
 CONFIG = ModelConfig(input_size=(64, 64))
 

@@ -1,8 +1,8 @@
 """The design's examples run as a user runs them."""
 
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.geodesy import distance_m

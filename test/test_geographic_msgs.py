@@ -142,7 +142,7 @@ def test_built_type_hashes_equal_upstream(ros_node):
 
 # Run in a child process: publishes one GeoPoseWithCovarianceStamped, built from the JSON given as
 # argv[1], ten times a second until killed (or after 60 s, so that it never outlives a lost test).
-_PUBLISHER_CODE = textwrap.dedent('''
+_PUBLISHER_CODE = textwrap.dedent("""
     import json
     import sys
     import time
@@ -167,7 +167,7 @@ _PUBLISHER_CODE = textwrap.dedent('''
     while time.monotonic() < deadline:
         publisher.publish(msg)
         time.sleep(0.1)
-''')
+""")
 
 
 def _message_values(msg):

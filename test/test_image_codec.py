@@ -6,7 +6,6 @@ import types
 import cv2
 import numpy as np
 import pytest
-
 from taco_cvgl import image_codec
 from taco_cvgl.errors import InputError
 

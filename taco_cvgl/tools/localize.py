@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
+import sys
 from typing import Iterator, List, Optional
 
 from taco_cvgl.errors import InputError

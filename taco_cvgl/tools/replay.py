@@ -1,4 +1,5 @@
-"""taco-cvgl replay: play a rosbag2 into live ROS topics, optionally recording topics meanwhile.
+"""
+taco-cvgl replay: play a rosbag2 into live ROS topics, optionally recording topics meanwhile.
 
 Typical use, scoring the node on a bag: replay the camera topic into a running node and record
 its estimates (here into the bag run1), then score the recorded bag against the bag's ground
@@ -33,7 +34,8 @@ def _parse_pairs(items: list, sep: str, what: str) -> dict:
 
 
 def split_ros_args(argv: list) -> tuple:
-    """Split argv into (our arguments, ROS arguments: each --ros-args ... [--] section).
+    """
+    Split argv into (our arguments, ROS arguments: each --ros-args ... [--] section).
 
     Only the --ros-args sections go to rclpy, so that our --remap FROM:=TO values are not taken
     for (deprecated) bare ROS remapping rules.
