@@ -322,7 +322,8 @@ def imu(stamp, heading_deg):
 def test_recorded_geopose_headings(tmp_path):
     run = tmp_path / 'run'
     unknown = np.zeros((6, 6))
-    unknown[:2, :2] = np.eye(2) * 100.0
+    # GeoPose orders position as (lat, lon, alt): north sigma 20 m, east sigma 10 m.
+    unknown[:2, :2] = np.diag([400.0, 100.0])
     unknown[5, 5] = 1.0e6  # the node's marker of an unknown yaw
     known = unknown.copy()
     known[5, 5] = 0.01
@@ -341,7 +342,9 @@ def test_recorded_geopose_headings(tmp_path):
     assert m['heading_error_deg']['median'] == pytest.approx(20.0, abs=1e-6)
     assert m['position_error_m']['fixes']['median'] == pytest.approx(25.0, abs=1e-3)
     assert m['calibration']['count'] == 2
-    assert m['calibration']['within_2sigma'] == 0.0  # 25 m north, sigma 10 m: 2.5 sigma
+    # 25 m north with a north sigma of 20 m: 1.25 sigma (2.5 sigma if read as east, north).
+    assert m['calibration']['within_1sigma'] == 0.0
+    assert m['calibration']['within_2sigma'] == 1.0
     assert m['fixes']['share'] is None and 'image' in m['fixes']['share_unavailable']
 
 

@@ -393,7 +393,10 @@ def evaluate_recorded(bag, estimate_topic: str, gt_topic: str, out_dir, *, gt_ba
                             est_lat=float(estimates.lat[i]), est_lon=float(estimates.lon[i]),
                             est_heading=float(est_heading[i]), fix=True)
         if cov is not None:
-            frame.covariance_en = np.asarray(cov[i], dtype=float)[:2, :2].copy()
+            block = np.asarray(cov[i], dtype=float)[:2, :2]
+            if estimates.covariance_axes.startswith('latitude'):   # GeoPose: north, east
+                block = block[::-1, ::-1]
+            frame.covariance_en = block.copy()
         frames.append(frame)
 
     images = None

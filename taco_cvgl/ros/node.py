@@ -1,0 +1,295 @@
+"""
+cvgl_node: camera images in, GPS fixes out. A thin adapter over `CVGLLocalizer`.
+
+Subscriptions only store the newest message of each camera (overwriting one not yet processed
+counts as a dropped frame), so the node never builds a queue when the model is slower than the
+cameras. A worker thread takes the newest frame of every camera that has one, decodes them,
+localizes them in one batch on the device and publishes, stamped with each image's time:
+sensor_msgs/NavSatFix and geographic_msgs/GeoPoseWithCovarianceStamped, plus
+diagnostic_msgs/DiagnosticArray on /diagnostics.
+
+Run: ros2 run taco_cvgl cvgl_node --ros-args --params-file config/cvgl.yaml -p weights:=W
+-p database:=D (or python -m taco_cvgl.ros.node ...). Parameters: taco_cvgl/ros/params.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+import sys
+import threading
+import time
+from typing import List, Optional
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+import rclpy
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image, NavSatFix
+from taco_cvgl.errors import InputError, MismatchError, TacoError
+from taco_cvgl.image_codec import decode_msg
+from taco_cvgl.ros import messages
+from taco_cvgl.ros.params import declare, NodeParams
+
+NODE_NAME = 'cvgl_node'
+WARN_THROTTLE_S = 5.0  # at most one warning of a kind per this many seconds
+
+
+def load_localizer(params: NodeParams):
+    """
+    Load weights and database, check them against each other and warm up.
+
+    Errors name the parameter and the file. The core (and torch) is imported here, so that
+    parameter errors are reported before the slow import.
+    """
+    params.require_files()
+    for name in ('weights', 'database'):
+        path = Path(getattr(params, name))
+        if not path.is_file():
+            raise InputError(f'parameter {name}: file not found: {path}')
+
+    import torch
+
+    from taco_cvgl.embedder import ImageRetrievalModel
+    from taco_cvgl.estimate import EstimatorConfig
+    from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
+
+    if params.device.startswith('cuda') and not torch.cuda.is_available():
+        raise TacoError(f'parameter device: {params.device!r} requested but CUDA is not '
+                        f'available here; use auto or cpu')
+    estimator = EstimatorConfig(min_confidence=params.min_confidence,
+                                altitude_fallback_m=params.altitude_fallback_m,
+                                altitude_sigma_m=params.altitude_sigma_m)
+    rerank = None
+    if params.rerank:
+        from taco_cvgl.rerank import RerankConfig
+        rerank = RerankConfig(candidates=params.rerank_candidates,
+                              min_inliers=params.rerank_min_inliers)
+    config = LocalizerConfig(top_k=params.top_k, index=params.index, estimator=estimator,
+                             rerank=rerank, prior_radius_m=params.prior_radius_m,
+                             prior_max_age_s=params.prior_max_age_s)
+    try:
+        model = ImageRetrievalModel.load(params.weights, params.device, params.precision)
+    except MismatchError as exc:
+        raise MismatchError(f'parameter weights: {exc}') from None
+    except TacoError as exc:
+        raise InputError(f'parameter weights: {exc}') from None
+    localizer = CVGLLocalizer(model, config)
+    try:
+        localizer.load_map(params.database)
+    except MismatchError as exc:
+        raise MismatchError(f'parameters weights and database do not match ({params.weights}, '
+                            f'{params.database}): {exc}') from None
+    except TacoError as exc:
+        raise InputError(f'parameter database: {exc}') from None
+    localizer.warm_up()
+    return localizer
+
+
+@dataclasses.dataclass
+class Counters:
+    """What the diagnostics report; counts are totals since start."""
+
+    received: int = 0
+    dropped: int = 0
+    bad: int = 0
+    errors: int = 0
+    localized: int = 0
+    fixes: int = 0
+    latencies_s: List[float] = dataclasses.field(default_factory=list)  # since last report
+    confidence: float = float('nan')
+
+
+class CVGLNode(Node):
+    """Subscribe to the cameras, localize their newest frames in batches, publish fixes."""
+
+    def __init__(self, **kwargs):
+        """Declare parameters, load model and database (fail fast), start the worker."""
+        super().__init__(NODE_NAME, **kwargs)
+        self.params = declare(self)
+        self.localizer = load_localizer(self.params)
+        p = self.params
+        self._geopose_type = messages.geopose_type()
+        if self._geopose_type is None:
+            self.get_logger().warning(
+                'geographic_msgs is not installed: publishing NavSatFix only (install '
+                'ros-$ROS_DISTRO-geographic-msgs for the GeoPose with heading)')
+        self._fix_pub = self.create_publisher(NavSatFix, p.fix_topic, 10)
+        self._geopose_pub = (self.create_publisher(self._geopose_type, p.geopose_topic, 10)
+                             if self._geopose_type else None)
+        self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        qos = QoSProfile(depth=p.qos_depth, history=HistoryPolicy.KEEP_LAST,
+                         durability=DurabilityPolicy.VOLATILE,
+                         reliability=ReliabilityPolicy.BEST_EFFORT
+                         if p.qos_reliability == 'best_effort' else ReliabilityPolicy.RELIABLE)
+        compressed = p.image_transport == 'compressed'
+        self._topics = [self.resolve_topic_name(t) + ('/compressed' if compressed else '')
+                        for t in p.image_topics]
+        self._cond = threading.Condition()
+        self._latest: List[Optional[tuple]] = [None] * len(self._topics)
+        self._counters = Counters()
+        self._reported = (time.monotonic(), Counters())
+        for index, topic in enumerate(self._topics):
+            self.create_subscription(CompressedImage if compressed else Image, topic,
+                                     lambda msg, i=index: self._store(i, msg), qos)
+        self.create_timer(p.diagnostics_period_s, self._publish_diagnostics)
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name='cvgl_worker', daemon=True)
+        self._worker.start()
+        model = self.localizer.model
+        self.get_logger().info(
+            f'ready: {len(self.localizer.database)} places, model on {model.device} '
+            f'({model.precision}), cameras {self._topics}, publishing {p.fix_topic}'
+            + (f' and {p.geopose_topic}' if self._geopose_pub else ''))
+
+    def stop(self) -> None:
+        """Stop the worker thread (the current batch finishes first)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._worker.join(timeout=30.0)
+
+    # ------------------------------------------------------------------ subscriber side
+    def _store(self, index: int, msg) -> None:
+        """Keep the newest message of a camera; never blocks on the model."""
+        with self._cond:
+            self._counters.received += 1
+            if self._latest[index] is not None:
+                self._counters.dropped += 1
+            self._latest[index] = (msg, time.monotonic())
+            self._cond.notify()
+
+    # ------------------------------------------------------------------ worker side
+    def _run(self) -> None:
+        """Take the newest frame of each camera, localize them as one batch, repeat."""
+        min_interval = 1.0 / self.params.max_rate_hz if self.params.max_rate_hz > 0 else 0.0
+        while not self._stop.is_set():
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop.is_set() or any(self._latest), 0.5)
+                frames = [(i, f) for i, f in enumerate(self._latest) if f is not None]
+                self._latest = [None] * len(self._latest)
+            if not frames:
+                continue
+            started = time.monotonic()
+            try:
+                self._process(frames)
+            except Exception as exc:  # noqa: B902 - the node must outlive a failed batch
+                with self._cond:
+                    self._counters.errors += 1
+                self.get_logger().error(f'localization failed: {type(exc).__name__}: {exc}',
+                                        throttle_duration_sec=WARN_THROTTLE_S)
+            self._stop.wait(max(0.0, started + min_interval - time.monotonic()))
+
+    def _process(self, frames) -> None:
+        """Decode, localize in one batch, publish; bad messages are counted and skipped."""
+        images, good = [], []
+        for index, (msg, received) in frames:
+            try:
+                images.append(decode_msg(msg))
+            except Exception as exc:  # noqa: B902 - any undecodable message is a bad message
+                with self._cond:
+                    self._counters.bad += 1
+                self.get_logger().warning(f'{self._topics[index]}: skipped a bad image: {exc}',
+                                          throttle_duration_sec=WARN_THROTTLE_S)
+                continue
+            good.append((index, msg, received))
+        if not good:
+            return
+        yaws = [self.params.camera_yaws_deg[i] for i, _, _ in good]
+        stamps = [m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec for _, m, _ in good]
+        results = self.localizer.localize_batch(images, stamps, yaws)
+        for (_, msg, received), measurement in zip(good, results):
+            self._publish(measurement, msg.header.stamp)
+            with self._cond:
+                self._counters.localized += 1
+                self._counters.fixes += int(measurement.fix)
+                self._counters.confidence = measurement.confidence
+                self._counters.latencies_s.append(time.monotonic() - received)
+
+    def _publish(self, measurement, stamp) -> None:
+        """Publish a measurement's messages, unless ROS is shutting down under the worker."""
+        p = self.params
+        if not self.context.ok():
+            return
+        if measurement.fix or p.publish_no_fix:
+            self._fix_pub.publish(messages.navsat_fix(
+                measurement, stamp, p.frame_id, p.altitude_fallback_m, p.altitude_sigma_m))
+        if measurement.fix and self._geopose_pub is not None:
+            self._geopose_pub.publish(messages.geopose(
+                measurement, stamp, p.geopose_frame_id, self._geopose_type,
+                p.altitude_fallback_m, p.altitude_sigma_m))
+
+    # ------------------------------------------------------------------ diagnostics
+    def _publish_diagnostics(self) -> None:
+        """Publish rates, latency, confidence and counters since the last report."""
+        now = time.monotonic()
+        with self._cond:
+            c = dataclasses.replace(self._counters, latencies_s=self._counters.latencies_s)
+            self._counters.latencies_s = []
+        then, last = self._reported
+        self._reported = (now, c)
+        dt = max(now - then, 1e-6)
+        level, problems = DiagnosticStatus.OK, []
+        if c.received == last.received:
+            problems.append('no images')
+        if c.bad > last.bad:
+            problems.append(f'{c.bad - last.bad} bad image message(s)')
+        if c.localized > last.localized and c.fixes == last.fixes:
+            problems.append('no fix: confidence below min_confidence')
+        if problems:
+            level = DiagnosticStatus.WARN
+        if c.errors > last.errors:
+            level = DiagnosticStatus.ERROR
+            problems.append(f'{c.errors - last.errors} failed localization(s)')
+        lat = c.latencies_s
+        model = self.localizer.model
+        values = {
+            'input_rate_hz': (c.received - last.received) / dt,
+            'localization_rate_hz': (c.localized - last.localized) / dt,
+            'latency_mean_ms': 1e3 * sum(lat) / len(lat) if lat else float('nan'),
+            'latency_max_ms': 1e3 * max(lat) if lat else float('nan'),
+            'confidence': c.confidence,
+            'frames_received': c.received, 'frames_dropped': c.dropped,
+            'bad_messages': c.bad, 'localization_errors': c.errors,
+            'localizations': c.localized, 'fixes': c.fixes,
+            'device': str(model.device), 'precision': model.precision,
+            'database_places': len(self.localizer.database),
+            'cameras': ' '.join(self._topics),
+        }
+        self._diag_pub.publish(messages.diagnostic_array(
+            self.get_clock().now().to_msg(), f'{self.get_name()}: localization', str(model.device),
+            level, '; '.join(problems) or 'localizing', values))
+
+
+def main(args=None) -> int:
+    """Run the node until SIGINT/SIGTERM; a start-up error gives one line and exit code 1."""
+    logger = rclpy.logging.get_logger(NODE_NAME)
+    try:
+        rclpy.init(args=args)  # installs SIGINT and SIGTERM handlers that shut the context down
+    except _rclpy.RCLError as exc:  # e.g. a --params-file that cannot be read
+        logger.error(f'error: bad ROS arguments: {exc}')
+        return 1
+    try:
+        node = CVGLNode()
+    except TacoError as exc:
+        logger.error(f'error: {exc}')
+        rclpy.try_shutdown()
+        return 1
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.stop()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
