@@ -179,18 +179,31 @@ class CVGLLocalizer:
         queries = self.model.encode_batch(list(images), batch_size=max(1, n),
                                           color_order=color_order,
                                           keep_on_device=self.model.device.type == 'cuda')
-        indices, sims = self.index.search(queries, self.config.top_k)
+        rerank = self.config.rerank
+        searched = self.config.top_k if rerank is None else \
+            max(self.config.top_k, rerank.candidates, rerank.acquisition_candidates)
+        indices, sims = self.index.search(queries, searched)
         out = []
         for i in range(n):
             verification = None
-            candidates, cand_sims = indices[i], sims[i]
+            top = self.config.top_k
+            candidates, cand_sims = indices[i][:top], sims[i][:top]
             if self.reranker is not None:
-                prior, prior_sims = self._prior(queries[i], candidates, timestamps[i])
+                prior, prior_sims = self._prior(queries[i], indices[i], timestamps[i])
+                locked = self._lock_is_recent(timestamps[i])
+                count = rerank.candidates if locked else \
+                    max(rerank.candidates, rerank.acquisition_candidates)
                 features = self.reranker.query_features(to_rgb_array(images[i], color_order))
-                checked = list(candidates[:self.config.rerank.candidates]) + list(prior)
+                checked = list(indices[i][:count]) + list(prior)
                 verification = self.reranker.verify(features, checked)
-                candidates = np.concatenate([candidates, prior]).astype(np.int64)
-                cand_sims = np.concatenate([cand_sims, prior_sims])
+                # The estimate also sees every place that was checked beyond the top_k.
+                similarity = dict(zip(indices[i].tolist(), sims[i].tolist()))
+                similarity.update(zip(prior.tolist(), prior_sims.tolist()))
+                top_set = set(candidates.tolist())
+                extra = [int(j) for j in checked if int(j) not in top_set]
+                candidates = np.concatenate([candidates, extra]).astype(np.int64)
+                cand_sims = np.concatenate(
+                    [cand_sims, [similarity[j] for j in extra]]).astype(np.float32)
             measurement = self._measure(candidates, cand_sims, timestamps[i], yaws[i],
                                         verification)
             if measurement.fix and measurement.verified:
@@ -203,13 +216,19 @@ class CVGLLocalizer:
             measurement.latency_s = latency
         return out
 
+    def _lock_is_recent(self, timestamp) -> bool:
+        """Return whether the last verified fix is recent enough to search around."""
+        last = self._last_fix
+        return not (self.config.prior_radius_m <= 0 or last is None or timestamp is None or
+                    last[2] is None or
+                    not 0 <= timestamp - last[2] <= self.config.prior_max_age_s)
+
     def _prior(self, query, retrieved: np.ndarray, timestamp):
         """Return (indices, similarities) of places near the last verified fix, not retrieved."""
         config = self.config
         last = self._last_fix
         none = (np.zeros(0, np.int64), np.zeros(0, np.float32))
-        if config.prior_radius_m <= 0 or last is None or timestamp is None or \
-                last[2] is None or not 0 <= timestamp - last[2] <= config.prior_max_age_s:
+        if not self._lock_is_recent(timestamp):
             return none
         dist = np.hypot(self._enu[:, 0] - last[0], self._enu[:, 1] - last[1])
         seen = {int(j) for j in retrieved}

@@ -36,6 +36,9 @@ class RerankConfig:
     """How many candidates to verify and what counts as verified."""
 
     candidates: int = 10
+    # Candidates checked while there is no recent verified fix to search around (first lock,
+    # or lock lost): more work per frame until the localizer knows roughly where it is.
+    acquisition_candidates: int = 0
     max_features: int = 1500
     ratio: float = 0.8
     ransac_threshold_px: float = 4.0

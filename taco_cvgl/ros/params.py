@@ -87,6 +87,9 @@ class NodeParams:
     rerank_candidates: int = _field(
         10, 'Number of retrieved candidates checked geometrically when rerank is on.',
         low=1, high=100)
+    rerank_acquisition_candidates: int = _field(
+        0, 'Candidates checked while there is no recent verified fix (first lock or lock lost); '
+        '0 means rerank_candidates.', low=0, high=500)
     rerank_min_inliers: int = _field(
         15, 'RANSAC inliers a candidate needs to count as verified.', low=4, high=1000)
     prior_radius_m: float = _field(

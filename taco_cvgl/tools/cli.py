@@ -36,13 +36,7 @@ def main(argv: Optional[list] = None) -> int:
     if command not in COMMANDS:
         print(f'taco-cvgl: unknown command {command!r}\n\n{usage()}', file=sys.stderr)
         return 2
-    try:
-        module = importlib.import_module(f'taco_cvgl.tools.{COMMANDS[command][0]}')
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith('taco_cvgl.tools.'):
-            print(f'taco-cvgl: {command} is not available in this install', file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(f'taco_cvgl.tools.{COMMANDS[command][0]}')
     return module.main(rest)
 
 
