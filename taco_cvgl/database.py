@@ -120,6 +120,47 @@ def records_from_exif(images_dir) -> List[ImageRecord]:
     return records
 
 
+def records_from_bag(bag_path, image_topic: str, gps_topic: str, images_dir,
+                     every: int = 1, max_gap_s: float = 1.0,
+                     progress: bool = True) -> List[ImageRecord]:
+    """
+    Write a bag's camera images as JPEG files, each tagged with the interpolated GPS position.
+
+    Images without a GPS position within max_gap_s of their stamp are left out; `every` keeps
+    one image in that many. The files are what geometric re-ranking later reads, so they are
+    kept in images_dir next to the database.
+    """
+    import cv2
+    from taco_cvgl.bags import iter_images, read_navsat
+    track = read_navsat(bag_path, gps_topic)
+    if len(track) == 0:
+        raise InputError(f'bag {bag_path}: topic {gps_topic} holds no usable GPS fix')
+    stream = iter_images(bag_path, image_topic)
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    bar = _progress(None, 'reading bag', progress)
+    for count, (stamp_ns, rgb) in enumerate(stream):
+        bar.update(1)
+        if count % max(1, every):
+            continue
+        position = track.interpolate(stamp_ns, max_gap_s)
+        if position is None:
+            continue
+        path = images_dir / f'{stamp_ns}.jpg'
+        tmp = images_dir / f'.{stamp_ns}.jpg.tmp'
+        ok, data = cv2.imencode('.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                                [cv2.IMWRITE_JPEG_QUALITY, 95])
+        tmp.write_bytes(data.tobytes())
+        os.replace(tmp, path)
+        records.append(ImageRecord(str(path.resolve()), *position))
+    bar.close()
+    if not records:
+        raise InputError(f'bag {bag_path}: no image on {image_topic} has a GPS fix on '
+                         f'{gps_topic} within {max_gap_s} s of its stamp')
+    return records
+
+
 @dataclasses.dataclass
 class EmbeddingDatabase:
     """GPS-tagged embeddings plus the identity of the model that made them."""

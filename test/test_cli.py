@@ -63,3 +63,30 @@ def test_text_output_and_user_errors(small_map, tmp_path):
     assert not (tmp_path / 'x.npz').exists()
     run = taco('frobnicate')
     assert run.returncode == 2 and 'unknown command' in run.stderr
+
+
+def test_build_db_from_a_bag(small_map, tmp_path):
+    from taco_cvgl.bags import BagWriter
+    bag = tmp_path / 'drive'
+    with BagWriter(bag, storage='sqlite3') as writer:
+        for i, (rgb, lat, lon) in enumerate(small_map.places[:4]):
+            stamp = (10 + 2 * i) * 10**9
+            writer.write_image('/cam/image_raw/compressed', stamp, rgb, compressed='jpeg')
+            # GPS at 1 Hz around each image: the image's position is interpolated between them.
+            writer.write_navsat('/gps/fix', stamp - 10**9, lat, lon - 0.001, 100.0)
+            writer.write_navsat('/gps/fix', stamp + 10**9, lat, lon + 0.001, 110.0)
+        writer.write_image('/cam/image_raw/compressed', 60 * 10**9, rgb, compressed='jpeg')
+    out = tmp_path / 'bag.npz'
+    run = taco('build-db', '--bag', bag, '--image-topic', '/cam/image_raw/compressed',
+               '--gps-topic', '/gps/fix', '--out', out, '--weights', small_map.weights,
+               '--device', 'cpu', '--no-progress')
+    assert run.returncode == 0, run.stderr
+    db = EmbeddingDatabase.load(out)
+    assert len(db) == 4   # the last image has no GPS within 1 s
+    for i, (_, lat, lon) in enumerate(small_map.places[:4]):
+        assert distance_m(db.latitude[i], db.longitude[i], lat, lon) < 0.01
+        assert db.altitude[i] == pytest.approx(105.0)
+    assert all(path.startswith(str(tmp_path / 'bag.npz.images')) for path in db.image_ids)
+    run = taco('build-db', '--bag', bag, '--image-topic', '/cam/nope', '--gps-topic',
+               '/gps/fix', '--out', tmp_path / 'x.npz', '--weights', small_map.weights)
+    assert run.returncode == 2 and '/cam/image_raw/compressed' in run.stderr

@@ -7,7 +7,8 @@ from pathlib import Path
 import sys
 from typing import Optional
 
-from taco_cvgl.database import build_database, EmbeddingDatabase, read_csv, records_from_exif
+from taco_cvgl.database import (build_database, EmbeddingDatabase, read_csv, records_from_bag,
+                                records_from_exif)
 from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError
 from taco_cvgl.tools.common import add_runtime_args, reports_errors
@@ -15,15 +16,25 @@ from taco_cvgl.tools.common import add_runtime_args, reports_errors
 
 def build_db(out, weights, images=None, csv=None, device: str = 'auto',
              precision: str = 'auto', batch_size: int = 32, dtype: str = 'fp16',
-             skip_bad: bool = False, progress: bool = True) -> EmbeddingDatabase:
+             skip_bad: bool = False, progress: bool = True, bag=None,
+             image_topic: Optional[str] = None, gps_topic: Optional[str] = None,
+             every: int = 1) -> EmbeddingDatabase:
     """
-    Build and save a database from images + CSV (or EXIF GPS when csv is None).
+    Build and save a database from images + CSV, images with EXIF GPS, or a rosbag2.
 
-    Returns the database as written. Nothing is written at `out` unless the whole build succeeds.
+    A bag's images (image_topic, raw or compressed) are tagged with the GPS position
+    interpolated from gps_topic (NavSatFix) and kept as JPEG files in OUT.images/. Returns the
+    database as written. Nothing is written at `out` unless the whole build succeeds.
     """
-    if csv is None and images is None:
-        raise InputError('give --images DIR (EXIF GPS) and/or --csv FILE')
-    records = read_csv(csv, images) if csv else records_from_exif(images)
+    if bag is not None:
+        if not (image_topic and gps_topic):
+            raise InputError('a bag source needs --image-topic and --gps-topic')
+        records = records_from_bag(bag, image_topic, gps_topic,
+                                   Path(str(out) + '.images'), every, progress=progress)
+    elif csv is None and images is None:
+        raise InputError('give --images DIR (EXIF GPS), --csv FILE or --bag BAG')
+    else:
+        records = read_csv(csv, images) if csv else records_from_exif(images)
     model = ImageRetrievalModel.load(weights, device, precision)
 
     def report_skip(path, why):
@@ -44,6 +55,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--csv', type=Path,
                         help='CSV with image_path,latitude,longitude[,heading][,altitude]; '
                              "without it, positions come from the images' EXIF GPS tags")
+    parser.add_argument('--bag', type=Path,
+                        help='rosbag2 (MCAP or sqlite3) source instead of image files')
+    parser.add_argument('--image-topic', help='camera topic of --bag (Image or CompressedImage)')
+    parser.add_argument('--gps-topic', help='sensor_msgs/NavSatFix topic of --bag')
+    parser.add_argument('--every', type=int, default=1,
+                        help='with --bag, keep one image in this many')
     parser.add_argument('--out', type=Path, required=True, help='database file to write (.npz)')
     parser.add_argument('--weights', type=Path, required=True,
                         help='model weights (.safetensors from taco-cvgl train, or a .ckpt)')
@@ -56,7 +73,8 @@ def main(argv: Optional[list] = None) -> int:
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     db = build_db(args.out, args.weights, args.images, args.csv, args.device, args.precision,
-                  args.batch_size, args.dtype, args.skip_bad, not args.no_progress)
+                  args.batch_size, args.dtype, args.skip_bad, not args.no_progress, args.bag,
+                  args.image_topic, args.gps_topic, args.every)
     print(f'wrote {args.out}: {len(db)} images, {db.dim}-D, model {db.model_fingerprint}, '
           f'grid spacing {db.grid_spacing_m:.1f} m, {db.meta.get("skipped", 0)} skipped')
     return 0
