@@ -1,0 +1,401 @@
+"""
+taco-cvgl demo: the whole package on real Landsat-8 imagery, end to end, on a CPU.
+
+A downward-looking camera (drone, aircraft) localizes against a database of georeferenced map
+tiles. Steps, each reusing the package's own tools:
+  1. data       the Landsat-8 scene; training places (west) and evaluation places (east) apart
+  2. train      a short training run of the embedder (taco-cvgl train) on tiles + simulated views
+  3. map        evaluation map tiles -> database (taco-cvgl build-db), covariance calibrated on a
+                training-area flight
+  4. flight     a simulated flight over the evaluation area, written as a rosbag2 (MCAP) with
+                sensor_msgs/Image and ground-truth sensor_msgs/NavSatFix
+  5. live       the node as its own process, the bag replayed into it, its output recorded
+  6. evaluate   the recorded bag scored against ground truth, and the flight bag scored offline
+
+What it cannot show: real change over time (the scene has one acquisition date), real camera
+optics (views are warped from the map with simulated tilt, blur, noise, shading, haze and
+seasonal colour), and street-level imagery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+from taco_cvgl.errors import TacoError
+from taco_cvgl.tools.common import reports_errors
+
+FOOTPRINT_PX = 96        # map tile ground footprint: 96 px x 30 m = 2.88 km
+STRIDE_PX = 48           # database grid stride: 1.44 km
+TILE_PX = 256            # map tile image size (local features need the detail)
+VIEW_PX = 256            # camera image size
+PIXEL_M = 30.0
+IMAGE_TOPIC = '/camera/image_raw'
+GT_TOPIC = '/gps/fix'
+GT_HEADING_TOPIC = '/gps/heading'   # geometry_msgs/QuaternionStamped, ENU yaw of the camera
+FIX_TOPIC = '/cvgl/fix'
+GEOPOSE_TOPIC = '/cvgl/geopose'
+
+
+@dataclasses.dataclass
+class DemoOptions:
+    """Sizes of the demo; the defaults finish in about ten minutes on a 2-core CPU."""
+
+    out: Path = Path('demo_out')
+    weights: Optional[Path] = None       # skip training and use these weights
+    seed: int = 0
+    train_views_per_place: int = 2
+    train_epochs: int = 4
+    train_minutes: float = 4.0
+    flight_frames: int = 100
+    calibration_frames: int = 60
+    appearance: float = 1.0
+    replay_rate: float = 10.0
+    region_fraction: float = 1.0         # < 1 keeps the middle rows of each area (quick runs)
+    progress: bool = True
+
+
+def log(message: str) -> None:
+    """Print a progress line with the time."""
+    print(f'[demo {time.strftime("%H:%M:%S")}] {message}', flush=True)
+
+
+def _write_csv(path: Path, rows: List[list]) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'w', newline='') as handle:
+        writer = csv.writer(handle)
+        writer.writerow(['image_path', 'latitude', 'longitude', 'heading'])
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def make_training_set(scene, region, out: Path, views_per_place: int, seed: int) -> Path:
+    """Write training tiles and simulated views of the training region; return the CSV."""
+    import cv2
+    from taco_cvgl.demo.scene import make_tiles
+    from taco_cvgl.demo.views import random_view
+    csv_path = out / 'train.csv'
+    if csv_path.is_file():
+        return csv_path
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, tile in enumerate(make_tiles(scene, FOOTPRINT_PX, STRIDE_PX, region, out_px=128)):
+        name = f'tile_{i:05d}.jpg'
+        cv2.imwrite(str(out / name), cv2.cvtColor(tile.image, cv2.COLOR_RGB2BGR))
+        rows.append([name, tile.latitude, tile.longitude, 0.0])
+        for j in range(views_per_place):
+            view = random_view(scene, (tile.col, tile.row), rng, strength=1.0,
+                               jitter_px=STRIDE_PX / 4, out_px=128, footprint_px=FOOTPRINT_PX)
+            name = f'view_{i:05d}_{j}.jpg'
+            cv2.imwrite(str(out / name), cv2.cvtColor(view.image, cv2.COLOR_RGB2BGR))
+            rows.append([name, view.latitude, view.longitude, view.heading_deg])
+    _write_csv(csv_path, rows)
+    return csv_path
+
+
+def train_weights(train_csv: Path, out: Path, options: DemoOptions) -> Path:
+    """Train the demo embedder with the package's own training command; return the weights."""
+    from taco_cvgl.tools.train import train, TrainOptions
+    weights = out / 'weights.safetensors'
+    if weights.is_file():
+        return weights
+    result = train(TrainOptions(
+        out_dir=str(out), train_dir=str(train_csv.parent), train_csv=str(train_csv),
+        pos_radius_m=STRIDE_PX * PIXEL_M / 2, neg_radius_m=FOOTPRINT_PX * PIXEL_M,
+        input_size=(64, 64), normalization='per_image', backbone_weights='none',
+        rotate=True, batch_size=32, max_epochs=options.train_epochs, lr=1e-3,
+        warmup_epochs=0.5, seed=options.seed, threshold_m=STRIDE_PX * PIXEL_M,
+        validate_first=False, progress=options.progress,
+        max_minutes=options.train_minutes))
+    return result.weights
+
+
+def make_map(scene, region, out: Path, weights: Path, extra_meta: Dict) -> Path:
+    """Cut the region's map tiles, build their database and record its ground scale."""
+    from taco_cvgl.database import EmbeddingDatabase
+    from taco_cvgl.demo.scene import make_tiles, write_tiles
+    from taco_cvgl.tools.build_db import build_db
+    db_path = out / 'map.npz'
+    if db_path.is_file():
+        return db_path
+    tiles = make_tiles(scene, FOOTPRINT_PX, STRIDE_PX, region, out_px=TILE_PX)
+    csv_path = write_tiles(tiles, out / 'tiles', image_format='jpg')
+    build_db(db_path, weights, images=csv_path.parent, csv=csv_path, device='auto',
+             progress=False)
+    db = EmbeddingDatabase.load(db_path)
+    db.meta.update({'gsd_m': FOOTPRINT_PX * PIXEL_M / TILE_PX, **extra_meta})
+    db.save(db_path)
+    return db_path
+
+
+def write_flight_bag(views, path: Path) -> Path:
+    """Write the flight as a rosbag2 MCAP: camera images and ground-truth GPS fixes."""
+    from taco_cvgl.bags import _header, BagWriter, typestore
+    from taco_cvgl.geodesy import heading_to_enu_yaw, yaw_to_quaternion
+    if path.exists():
+        return path
+    types = typestore().types
+    with BagWriter(path, storage='mcap') as writer:
+        for view in views:
+            stamp = int(round(view.stamp_s * 1e9))
+            writer.write_navsat(GT_TOPIC, stamp, view.latitude, view.longitude, 0.0,
+                                cov=[1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], frame_id='gps')
+            x, y, z, w = yaw_to_quaternion(heading_to_enu_yaw(view.heading_deg))
+            quaternion = types['geometry_msgs/msg/Quaternion'](x=x, y=y, z=z, w=w)
+            writer.write_msg(GT_HEADING_TOPIC, stamp, types[
+                'geometry_msgs/msg/QuaternionStamped'](header=_header(stamp, 'camera'),
+                                                       quaternion=quaternion))
+            writer.write_image(IMAGE_TOPIC, stamp, view.image, frame_id='camera',
+                               encoding='bgr8')
+    return path
+
+
+def demo_localizer_config():
+    """Return the localizer settings the demo uses (retrieval, verification, motion prior)."""
+    from taco_cvgl.localizer import LocalizerConfig
+    from taco_cvgl.rerank import RerankConfig
+    return LocalizerConfig(top_k=10, rerank=RerankConfig(candidates=10,
+                                                         acquisition_candidates=40),
+                           prior_radius_m=2 * STRIDE_PX * PIXEL_M, prior_candidates=9)
+
+
+def calibrate(localizer, views) -> Dict[str, float]:
+    """Return the covariance scales that put 95 % of the fixes' errors within 2 sigma."""
+    from taco_cvgl.estimate import calibrate_scale
+    from taco_cvgl.geodesy import to_enu
+    errors, covariances = [], []
+    for view in views:
+        m = localizer.localize(view.image, timestamp=view.stamp_s)
+        if m.fix:
+            errors.append(to_enu(view.latitude, view.longitude, m.latitude, m.longitude))
+            covariances.append(m.position_covariance[:2, :2])
+    if len(errors) < 10:
+        log(f'warning: only {len(errors)} fixes on the calibration flight, too few to '
+            f'calibrate: the covariance keeps its uncalibrated scale')
+        return {'calibration_fixes': len(errors), 'calibration_frames': len(views)}
+    scale = calibrate_scale(np.array(errors), np.array(covariances))
+    return {'verified_covariance_scale': scale, 'calibration_fixes': len(errors),
+            'calibration_frames': len(views)}
+
+
+def middle_rows(region, fraction: float):
+    """Return the region keeping only the middle `fraction` of its rows."""
+    if fraction >= 1.0:
+        return region
+    height = region.row1 - region.row0
+    cut = height * (1.0 - fraction) / 2.0
+    return dataclasses.replace(region, row0=region.row0 + cut, row1=region.row1 - cut)
+
+
+def run_live(options: DemoOptions, weights: Path, db: Path, flight_bag: Path) -> Path:
+    """Start the node as its own process, replay the flight into it, record what it says."""
+    import rclpy
+    from taco_cvgl.ros.bag_replay import BagPlayer, Recorder
+    recorded = options.out / 'live'
+    if recorded.exists():
+        return recorded
+    share = Path(__file__).resolve().parents[2] / 'config'
+    env = dict(os.environ)
+    profile = share / 'fastdds_shm.xml'
+    if profile.is_file():
+        env['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
+    config = demo_localizer_config()
+    node_cmd = [sys.executable, '-m', 'taco_cvgl.ros.node', '--ros-args',
+                '-p', f'weights:={weights}', '-p', f'database:={db}',
+                '-p', f'image_topics:=[{IMAGE_TOPIC}]', '-p', f'fix_topic:={FIX_TOPIC}',
+                '-p', f'geopose_topic:={GEOPOSE_TOPIC}', '-p', 'qos_reliability:=reliable',
+                '-p', f'top_k:={config.top_k}', '-p', 'rerank:=true',
+                '-p', f'rerank_candidates:={config.rerank.candidates}',
+                '-p', f'rerank_acquisition_candidates:={config.rerank.acquisition_candidates}',
+                '-p', f'prior_radius_m:={config.prior_radius_m}',
+                '-p', 'publish_no_fix:=true']
+    log_path = options.out / 'node.log'
+    with open(log_path, 'w') as node_log:
+        node = subprocess.Popen(node_cmd, stdout=node_log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_for_node(node, log_path)
+        rclpy.init()
+        ros_node = rclpy.create_node('taco_cvgl_demo')
+        from rclpy.executors import SingleThreadedExecutor
+        executor = SingleThreadedExecutor()
+        executor.add_node(ros_node)
+        import threading
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        topics = {FIX_TOPIC: 'sensor_msgs/msg/NavSatFix', GT_TOPIC: 'sensor_msgs/msg/NavSatFix'}
+        with Recorder(ros_node, topics, recorded, storage='mcap'):
+            player = BagPlayer(ros_node, flight_bag, qos='reliable')
+            sent = player.play(rate=options.replay_rate, start_delay_s=2.0)
+            time.sleep(3.0)  # the node's last answers are still on their way
+        log(f'replayed {sent} messages; recorded the fixes of the node into {recorded}')
+        executor.shutdown()
+        ros_node.destroy_node()
+        rclpy.try_shutdown()
+    finally:
+        node.send_signal(signal.SIGINT)
+        try:
+            node.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            node.kill()
+    return recorded
+
+
+def _wait_for_node(node: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.poll() is not None:
+            raise TacoError(f'the node exited with code {node.returncode}; its log: '
+                            f'{log_path}\n{log_path.read_text()[-2000:]}')
+        if 'ready' in log_path.read_text():
+            return
+        time.sleep(0.5)
+    raise TacoError(f'the node did not report ready within {timeout_s:.0f} s; see {log_path}')
+
+
+def map_background(scene, region):
+    """Return the scene cut to a region, with its (west, east, south, north) extent in degrees."""
+    from taco_cvgl.plots import MapBackground
+    c0, r0 = max(0, int(region.col0 + 0.5)), max(0, int(region.row0 + 0.5))
+    c1, r1 = min(scene.width, int(region.col1 + 0.5)), min(scene.height, int(region.row1 + 0.5))
+    # Pixel edges (not centres) bound the picture; the UTM grid is ~1 degree off north here.
+    lat, lon = scene.pixel_to_latlon(np.array([c0 - 0.5, c1 - 0.5]),
+                                     np.array([r1 - 0.5, r0 - 0.5]))
+    return MapBackground(scene.rgb[r0:r1, c0:c1],
+                         (float(lon[0]), float(lon[1]), float(lat[0]), float(lat[1])))
+
+
+def run_demo(options: DemoOptions) -> Dict:
+    """Run every step; return the metrics of the live run and of the offline evaluation."""
+    from taco_cvgl.demo.scene import load_scene, split_regions
+    from taco_cvgl.demo.views import simulate_flight
+    from taco_cvgl.localizer import CVGLLocalizer
+    from taco_cvgl.tools.build_db import build_db  # noqa: F401 - fail early if absent
+    from taco_cvgl.tools.evaluate import evaluate_bag, evaluate_recorded
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    log('1/6 data: loading the Landsat-8 scene (fetched and cached by make setup)')
+    scene = load_scene()
+    train_region, eval_region = (middle_rows(r, options.region_fraction)
+                                 for r in split_regions(scene, 0.6, gap_px=FOOTPRINT_PX))
+    if options.weights is None:
+        log('2/6 train: tiles and simulated views of the training (west) area')
+        train_csv = make_training_set(scene, train_region, out / 'train_data',
+                                      options.train_views_per_place, options.seed)
+        log(f'2/6 train: training the embedder for up to {options.train_minutes:g} min')
+        weights = train_weights(train_csv, out / 'train', options)
+    else:
+        weights = Path(options.weights)
+    log('3/6 map: calibrating the covariance on a flight over the training area')
+    rng = np.random.default_rng(options.seed + 1)
+    calib_db = make_map(scene, train_region, out / 'calibration_map', weights, {})
+    calib_views = simulate_flight(scene, train_region, options.calibration_frames, rng,
+                                  strength=options.appearance, out_px=VIEW_PX)
+    localizer = CVGLLocalizer.from_files(weights, calib_db, config=demo_localizer_config())
+    scales = calibrate(localizer, calib_views)
+    log(f'3/6 map: verified-fix covariance scale '
+        f'{scales.get("verified_covariance_scale", 1.0):.2f} ({scales["calibration_fixes"]} '
+        f'fixes); building the evaluation (east) map')
+    db = make_map(scene, eval_region, out / 'map', weights, scales)
+    log('4/6 flight: simulating the camera over the evaluation area')
+    views = simulate_flight(scene, eval_region, options.flight_frames,
+                            np.random.default_rng(options.seed + 2),
+                            strength=options.appearance, out_px=VIEW_PX)
+    flight_bag = write_flight_bag(views, out / 'flight')
+    log('5/6 live: node process + bag replay + recording')
+    live_bag = run_live(options, weights, db, flight_bag)
+    log('6/6 evaluate: the recorded bag, then the flight offline')
+    threshold = STRIDE_PX * PIXEL_M
+    background = map_background(scene, eval_region)
+    live = evaluate_recorded(live_bag, FIX_TOPIC, GT_TOPIC, out / 'eval_live',
+                             gt_bag=flight_bag, image_topic=IMAGE_TOPIC,
+                             gt_heading_topic=GT_HEADING_TOPIC, threshold_m=threshold,
+                             db=db, background=background, progress=options.progress)
+    offline = evaluate_bag(flight_bag, IMAGE_TOPIC, GT_TOPIC, db, weights,
+                           out / 'eval_offline', gt_heading_topic=GT_HEADING_TOPIC,
+                           threshold_m=threshold, config=demo_localizer_config(),
+                           background=background, progress=options.progress)
+    summary = {'live': live.metrics, 'offline': offline.metrics,
+               'weights': str(weights), 'database': str(db),
+               'flight_bag': str(flight_bag), 'live_bag': str(live_bag),
+               'minutes': (time.monotonic() - started) / 60}
+    with open(out / 'summary.json', 'w') as handle:
+        json.dump(summary, handle, indent=2, default=str)
+    return summary
+
+
+@reports_errors
+def main(argv: Optional[list] = None) -> int:
+    """Parse arguments and run the demo."""
+    parser = argparse.ArgumentParser(prog='taco-cvgl demo', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', type=Path, default=DemoOptions.out,
+                        help='output folder (steps already done there are reused)')
+    parser.add_argument('--weights', type=Path,
+                        help='use these weights instead of training (e.g. GPU-trained ones)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of every random choice')
+    parser.add_argument('--train-minutes', type=float, default=DemoOptions.train_minutes,
+                        help='wall-clock budget of the training step')
+    parser.add_argument('--train-epochs', type=int, default=DemoOptions.train_epochs,
+                        help='epochs of the training step (whichever limit comes first)')
+    parser.add_argument('--frames', type=int, default=DemoOptions.flight_frames,
+                        help='camera frames of the evaluation flight')
+    parser.add_argument('--calibration-frames', type=int,
+                        default=DemoOptions.calibration_frames,
+                        help='frames of the training-area flight used to calibrate')
+    parser.add_argument('--appearance', type=float, default=DemoOptions.appearance,
+                        help='strength 0..1 of the simulated appearance change')
+    parser.add_argument('--rate', type=float, default=DemoOptions.replay_rate,
+                        help='bag replay speed (x real time; the camera runs at 0.2 Hz)')
+    parser.add_argument('--views-per-place', type=int,
+                        default=DemoOptions.train_views_per_place,
+                        help='simulated training views per training tile')
+    parser.add_argument('--region-fraction', type=float, default=1.0,
+                        help='keep this middle share of the rows of each area (quick runs)')
+    parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
+    args = parser.parse_args(argv)
+    options = DemoOptions(region_fraction=args.region_fraction,
+                          progress=not args.no_progress, out=args.out, weights=args.weights,
+                          seed=args.seed,
+                          train_views_per_place=args.views_per_place,
+                          train_epochs=args.train_epochs, train_minutes=args.train_minutes,
+                          flight_frames=args.frames, calibration_frames=args.calibration_frames,
+                          appearance=args.appearance, replay_rate=args.rate)
+    summary = run_demo(options)
+    print_summary(summary, options.out)
+    return 0
+
+
+def print_summary(summary: Dict, out: Path) -> None:
+    """Print the headline figures and where the pictures are."""
+    def pct(value):
+        return '  n/a' if value is None else f'{100 * value:5.1f} %'
+    live, offline = summary['live'], summary['offline']
+    print()
+    print(f'taco_cvgl demo finished in {summary["minutes"]:.1f} min (outputs in {out})')
+    print('  (Landsat-8, one date; simulated downward camera; see README for limits)')
+    for name, m in (('live node (recorded bag)', live), ('offline (same localizer)', offline)):
+        recall = m['recall'].get('at_1') if m['recall'].get('available') else None
+        fixes, cal = m['fixes'], m['calibration']
+        error = m['position_error_m']['fixes'].get('median')
+        print(f'  {name}:')
+        print(f'    Recall@1 within one grid stride {pct(recall)}   fixes published '
+              f'{pct(fixes.get("share"))}   precision of fixes {pct(fixes.get("precision"))}')
+        print(f'    median error of fixes {"n/a" if error is None else f"{error:.0f} m"}   '
+              f'2-sigma ellipse holds {pct(cal.get("within_2sigma"))}')
+    print(f'  pictures: {out}/eval_offline/*.png and {out}/eval_live/*.png')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
