@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import zipfile
 
 import numpy as np
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.errors import InputError, MismatchError
 
@@ -230,16 +231,10 @@ class EmbeddingDatabase:
             'model_fingerprint': np.array(self.model_fingerprint),
             'meta': np.array(json.dumps(self.meta, sort_keys=True)),
         }
-        tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-        try:
-            with open(tmp, 'wb') as handle:
-                np.savez(handle, **arrays)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(path) as tmp, open(tmp, 'wb') as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
         return path
 
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.errors import InputError, MismatchError, TacoError
 from taco_cvgl.preprocess import prepare_batch
@@ -239,15 +240,8 @@ class ImageRetrievalModel(nn.Module):
         fingerprint = rebuilt.fingerprint()
         metadata = {'format': 'taco_cvgl.weights/1', 'config': self.config.to_json(),
                     'fingerprint': fingerprint, 'dtype': dtype}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-        try:
+        with atomic_path(path) as tmp:
             save_file(state, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return fingerprint
 
     @classmethod

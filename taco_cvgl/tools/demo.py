@@ -32,6 +32,7 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.errors import TacoError
 from taco_cvgl.tools.common import reports_errors
 
@@ -71,12 +72,10 @@ def log(message: str) -> None:
 
 
 def _write_csv(path: Path, rows: List[list]) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', newline='') as handle:
+    with atomic_path(path) as tmp, open(tmp, 'w', newline='') as handle:
         writer = csv.writer(handle)
         writer.writerow(['image_path', 'latitude', 'longitude', 'heading'])
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def make_training_set(scene, region, out: Path, views_per_place: int, seed: int) -> Path:
