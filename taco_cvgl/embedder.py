@@ -132,7 +132,8 @@ class ImageRetrievalModel(nn.Module):
         return F.normalize(embedding.float(), dim=1)
 
     # ----------------------------------------------------------------------------- runtime
-    def to_runtime(self, device: str = 'auto', precision: str = 'auto') -> 'ImageRetrievalModel':
+    def to_runtime(self, device: str = 'auto', precision: str = 'auto',
+                   fast=False) -> 'ImageRetrievalModel':
         """
         Move to a device for inference: eval mode, channels_last and an autocast precision.
 
@@ -152,7 +153,12 @@ class ImageRetrievalModel(nn.Module):
             raise InputError('fp16 autocast is for CUDA; on CPU use bf16 or fp32')
         self.precision = precision
         self.to(self.device, memory_format=torch.channels_last)
-        return self.eval()
+        self.eval()
+        self._fast = None
+        if fast:  # True: the best backend this machine has; or a backend name (fastpath.py)
+            from taco_cvgl.fastpath import optimize
+            self._fast = optimize(self, 'auto' if fast is True else fast)
+        return self
 
     def _autocast(self):
         if self.precision == 'fp32':
@@ -163,6 +169,8 @@ class ImageRetrievalModel(nn.Module):
     @torch.inference_mode()
     def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """Embed an already-normalised batch on the model's device; returns float32 BxD."""
+        if getattr(self, '_fast', None) is not None:
+            return self._fast.embed_tensor(batch)
         batch = batch.to(self.device, non_blocking=True).contiguous(
             memory_format=torch.channels_last)
         with self._autocast():
@@ -173,6 +181,8 @@ class ImageRetrievalModel(nn.Module):
         """Embed images (numpy HxWx3 uint8, PIL images or 3xHxW tensors) -> float32 NxD."""
         if self.training:
             raise TacoError('encode_batch needs eval mode: call model.to_runtime() or .eval()')
+        if getattr(self, '_fast', None) is not None:
+            return self._fast.encode_batch(images, batch_size, color_order, keep_on_device)
         chunks = []
         for start in range(0, len(images), batch_size):
             batch = prepare_batch(images[start:start + batch_size], self.config, self.device,

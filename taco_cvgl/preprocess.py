@@ -88,8 +88,8 @@ def prepare_batch(images: Sequence, config: ModelConfig, device: torch.device,
     out = torch.empty((len(images), 3) + tuple(config.input_size), device=device)
     for i, image in enumerate(images):
         tensor = image_to_tensor(image, color_order)
-        if device.type == 'cuda':
-            tensor = tensor.pin_memory() if not tensor.is_pinned() else tensor
+        if device.type == 'cuda' and not tensor.is_cuda and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
         tensor = tensor.to(device, non_blocking=True).float().div_(255.0)
         out[i] = resize(tensor, config.input_size)
     return normalize(out, config)

@@ -118,3 +118,16 @@ def test_config_validation_names_the_field():
     with pytest.raises(InputError, match='unknown fields'):
         ModelConfig.from_dict({'embeding_dim': 3})
     assert ModelConfig.from_json(CONFIG.to_json()) == CONFIG
+
+
+def test_fast_path_is_wired_into_the_model(images):
+    torch.manual_seed(0)
+    eager = ImageRetrievalModel(CONFIG).to_runtime('cpu', 'fp32')
+    reference = eager.encode_batch(images)
+    fast = eager.to_runtime('cpu', 'fp32', fast='jit')
+    assert fast._fast.backend == 'jit'
+    out = fast.encode_batch(images)
+    assert torch.nn.functional.cosine_similarity(out, reference).min() > 0.999
+    plain = fast.to_runtime('cpu', 'fp32')   # and back to the eager path
+    assert plain._fast is None and torch.allclose(plain.encode_batch(images), reference,
+                                                  atol=1e-5)

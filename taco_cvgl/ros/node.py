@@ -73,6 +73,9 @@ def load_localizer(params: NodeParams):
                              prior_max_age_s=params.prior_max_age_s)
     try:
         model = ImageRetrievalModel.load(params.weights, params.device, params.precision)
+        if params.fast_path != 'off':
+            model.to_runtime(params.device, params.precision,
+                             fast=True if params.fast_path == 'auto' else params.fast_path)
     except MismatchError as exc:
         raise MismatchError(f'parameter weights: {exc}') from None
     except TacoError as exc:
