@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.errors import InputError
 
 HIT_COLOUR = '#1a9641'
@@ -61,16 +61,11 @@ def _figure(width_in: float, height_in: float):
 def _save(fig, path) -> Path:
     """Write the figure as PNG to path atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
-        fig.savefig(tmp, format='png', dpi=DPI)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format='png', dpi=DPI)
     except OSError as err:
         raise InputError(f'cannot write plot {path}: {err}') from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 from pyproj import Transformer
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.errors import InputError
 import tifffile
 
@@ -496,20 +497,16 @@ def write_tiles(tiles: Sequence[Tile], out_dir, image_format: str = 'png',
         rows.append((name, f'{tile.latitude:.8f}', f'{tile.longitude:.8f}',
                      f'{tile.heading_deg:.3f}'))
     csv_path = out_dir / csv_name
-    tmp = csv_path.with_name(csv_path.name + '.tmp')
-    with open(tmp, 'w', newline='', encoding='utf-8') as handle:
+    with atomic_path(csv_path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as handle:
         writer = csv.writer(handle)
         writer.writerow(('image_path', 'latitude', 'longitude', 'heading'))
         writer.writerows(rows)
-    os.replace(tmp, csv_path)
     return csv_path
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def main(argv=None) -> int:

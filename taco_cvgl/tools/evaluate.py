@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from taco_cvgl import bags
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.errors import InputError, TacoError
 from taco_cvgl.estimate import EstimatorConfig
 from taco_cvgl.evaluation import (DEFAULT_KS, frame_table, FrameResult, FrameTable,
@@ -460,18 +461,13 @@ def _count_images(topic: str, bag_paths: Sequence[Path], truth: bags.GpsTrack,
 
 def _atomic_text(path: Path, text: str) -> Path:
     """Write text to path through a temporary file and a rename."""
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
-        with open(tmp, 'w', encoding='utf-8', newline='') as handle:
+        with atomic_path(path) as tmp, open(tmp, 'w', encoding='utf-8', newline='') as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except OSError as err:
         raise InputError(f'cannot write {path}: {err}') from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
