@@ -136,6 +136,11 @@ class CVGLLocalizer:
         self.reranker = self._make_reranker(db, path) if self.config.rerank else None
         self.database = db
         self._origin = (float(np.mean(db.latitude)), float(np.mean(db.longitude)))
+        # The database's calibrated covariance scale multiplies the configured one, once here.
+        estimator = self.config.estimator
+        self._estimator = dataclasses.replace(
+            estimator, covariance_scale=estimator.covariance_scale
+            * float(db.meta.get('covariance_scale', 1.0)))
         self._enu = to_enu(*self._origin, db.latitude, db.longitude)
         self._last_fix = None
         return db
@@ -244,13 +249,8 @@ class CVGLLocalizer:
     def _measure(self, idx: np.ndarray, sim: np.ndarray, timestamp, yaw: float,
                  verification: Optional[Verification]) -> Measurement:
         db = self.database
-        scale = float(db.meta.get('covariance_scale', 1.0))
-        estimator = self.config.estimator
-        if scale != 1.0:
-            estimator = dataclasses.replace(
-                estimator, covariance_scale=estimator.covariance_scale * scale)
         pose = estimate_pose(db.latitude[idx], db.longitude[idx], db.altitude[idx],
-                             db.heading[idx], sim, db.grid_spacing_m, estimator,
+                             db.heading[idx], sim, db.grid_spacing_m, self._estimator,
                              heading_offset_deg=yaw)
         matches = [Match(int(i), str(db.image_ids[i]), float(db.latitude[i]),
                          float(db.longitude[i]), float(db.heading[i]), float(s))
