@@ -12,12 +12,13 @@ import numpy as np
 from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError, TacoError
-from taco_cvgl.estimate import estimate_pose, EstimatorConfig, PoseEstimate
+from taco_cvgl.estimate import estimate_pose, EstimatorConfig, mahalanobis_sq, PoseEstimate
 from taco_cvgl.geodesy import from_enu, to_enu, wrap_degrees
 from taco_cvgl.preprocess import to_rgb_array
 from taco_cvgl.rerank import (offset_to_enu, RerankConfig, Reranker, Verification,
                               verified_position_sigma_m)
 from taco_cvgl.search import make_index
+from taco_cvgl.tracking import ConstantVelocityTrack, TrackConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,11 +29,18 @@ class LocalizerConfig:
     index: str = 'auto'
     estimator: EstimatorConfig = EstimatorConfig()
     rerank: Optional[RerankConfig] = None  # None: retrieval only
-    # Motion prior (needs rerank): also verify the database places within this radius of the
-    # last verified fix, if it is at most prior_max_age_s old. 0 disables it.
+    # Motion prior (needs rerank): a constant-velocity track over the verified fixes predicts
+    # where the camera is; the places inside the prediction's 3-sigma gate (at least
+    # prior_radius_m wide) are verified too, up to prior_candidates of them, and candidates are
+    # ranked by similarity combined with the prediction. The track stops predicting
+    # prior_max_age_s after its last verified fix. prior_radius_m 0 disables it.
     prior_radius_m: float = 0.0
     prior_max_age_s: float = 30.0
     prior_candidates: int = 10
+    track_accel_sigma_mps2: float = 1.0
+    track_speed_sigma_mps: float = 10.0
+    # Ranking with the prior: score = similarity / temperature - squared Mahalanobis / 2.
+    prior_similarity_temperature: float = 0.05
 
     def __post_init__(self):
         """Refuse a top_k below 1."""
@@ -40,9 +48,18 @@ class LocalizerConfig:
             raise InputError(f'top_k must be >= 1, got {self.top_k}')
         if self.prior_radius_m < 0 or self.prior_max_age_s < 0 or self.prior_candidates < 0:
             raise InputError('prior_radius_m, prior_max_age_s and prior_candidates must be >= 0')
+        if not self.prior_similarity_temperature > 0:
+            raise InputError('prior_similarity_temperature must be > 0, got '
+                             f'{self.prior_similarity_temperature}')
         if self.prior_radius_m > 0 and self.rerank is None:
             raise InputError('the motion prior (prior_radius_m > 0) needs re-ranking enabled: '
                              'only a geometric check can accept a place the retrieval missed')
+
+    def track_config(self) -> TrackConfig:
+        """Return the motion model of the prior's track."""
+        return TrackConfig(accel_sigma_mps2=self.track_accel_sigma_mps2,
+                           speed_sigma_mps=self.track_speed_sigma_mps,
+                           max_age_s=self.prior_max_age_s)
 
 
 @dataclasses.dataclass
@@ -80,6 +97,10 @@ class Measurement:
     latency_s: float = 0.0
     verified: Optional[bool] = None   # geometric check passed (None: no check configured)
     inliers: int = 0
+    # Database indices ranked by the image's embedding alone (matches are ranked by the
+    # localizer: verified place first, then similarity combined with the motion prior).
+    retrieval: List[int] = dataclasses.field(default_factory=list)
+    tracked: bool = False             # the motion prior's prediction was used for this frame
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict (covariance flattened row-major, 9 numbers)."""
@@ -98,6 +119,8 @@ class Measurement:
             'latency_s': self.latency_s,
             'verified': self.verified,
             'inliers': self.inliers,
+            'tracked': self.tracked,
+            'retrieval': [int(i) for i in self.retrieval],
             'top_k': [{'index': m.index, 'image_id': m.image_id, 'latitude': m.latitude,
                        'longitude': m.longitude, 'heading': num(m.heading),
                        'similarity': m.similarity} for m in self.matches],
@@ -115,7 +138,7 @@ class CVGLLocalizer:
         self.index = None
         self.reranker: Optional[Reranker] = None
         self._enu = None          # database places in a local ENU frame (for the prior)
-        self._last_fix = None     # (east, north, timestamp) of the last verified fix
+        self.track = ConstantVelocityTrack(config.track_config())
         self._fingerprint = getattr(model, '_fingerprint_at_load', None) or model.fingerprint()
 
     @classmethod
@@ -142,7 +165,7 @@ class CVGLLocalizer:
             estimator, covariance_scale=estimator.covariance_scale
             * float(db.meta.get('covariance_scale', 1.0)))
         self._enu = to_enu(*self._origin, db.latitude, db.longitude)
-        self._last_fix = None
+        self.track.reset()
         return db
 
     def _make_reranker(self, db: EmbeddingDatabase, path) -> Reranker:
@@ -193,52 +216,60 @@ class CVGLLocalizer:
             verification = None
             top = self.config.top_k
             candidates, cand_sims = indices[i][:top], sims[i][:top]
+            prediction = self._predict(timestamps[i])
             if self.reranker is not None:
-                prior, prior_sims = self._prior(queries[i], indices[i], timestamps[i])
-                locked = self._lock_is_recent(timestamps[i])
-                count = rerank.candidates if locked else \
+                count = rerank.candidates if prediction is not None else \
                     max(rerank.candidates, rerank.acquisition_candidates)
+                checked = [int(j) for j in indices[i][:count]]
+                prior, prior_sims = self._prior(queries[i], checked, prediction)
                 features = self.reranker.query_features(to_rgb_array(images[i], color_order))
-                checked = list(indices[i][:count]) + list(prior)
+                checked += prior.tolist()
                 verification = self.reranker.verify(features, checked)
                 # The estimate also sees every place that was checked beyond the top_k.
                 similarity = dict(zip(indices[i].tolist(), sims[i].tolist()))
                 similarity.update(zip(prior.tolist(), prior_sims.tolist()))
                 top_set = set(candidates.tolist())
-                extra = [int(j) for j in checked if int(j) not in top_set]
+                extra = [j for j in checked if j not in top_set]
                 candidates = np.concatenate([candidates, extra]).astype(np.int64)
                 cand_sims = np.concatenate(
                     [cand_sims, [similarity[j] for j in extra]]).astype(np.float32)
             measurement = self._measure(candidates, cand_sims, timestamps[i], yaws[i],
-                                        verification)
-            if measurement.fix and measurement.verified:
-                east, north = to_enu(*self._origin, measurement.latitude,
-                                     measurement.longitude)
-                self._last_fix = (float(east), float(north), timestamps[i])
+                                        verification, prediction)
+            measurement.retrieval = [int(j) for j in indices[i][:top]]
+            if measurement.fix and measurement.verified and self.config.prior_radius_m > 0:
+                self.track.update(timestamps[i], to_enu(*self._origin, measurement.latitude,
+                                                        measurement.longitude),
+                                  measurement.position_covariance[:2, :2])
             out.append(measurement)
         latency = (time.perf_counter() - start) / max(1, n)
         for measurement in out:
             measurement.latency_s = latency
         return out
 
-    def _lock_is_recent(self, timestamp) -> bool:
-        """Return whether the last verified fix is recent enough to search around."""
-        last = self._last_fix
-        return not (self.config.prior_radius_m <= 0 or last is None or timestamp is None or
-                    last[2] is None or
-                    not 0 <= timestamp - last[2] <= self.config.prior_max_age_s)
+    def _predict(self, timestamp):
+        """Return the track's (position, covariance) at this time, or None (no prior)."""
+        if self.config.prior_radius_m <= 0 or self.reranker is None:
+            return None
+        return self.track.predict(timestamp)
 
-    def _prior(self, query, retrieved: np.ndarray, timestamp):
-        """Return (indices, similarities) of places near the last verified fix, not retrieved."""
+    def _prior(self, query, checked: Sequence[int], prediction):
+        """
+        Return (indices, similarities) of the places inside the prediction's gate, not checked.
+
+        The gate is the 3-sigma ellipse of the prediction's covariance widened by
+        prior_radius_m (its 3-sigma radius when the prediction is exact); the nearest
+        prior_candidates places inside it by Mahalanobis distance are returned.
+        """
         config = self.config
-        last = self._last_fix
         none = (np.zeros(0, np.int64), np.zeros(0, np.float32))
-        if not self._lock_is_recent(timestamp):
+        if prediction is None or config.prior_candidates == 0:
             return none
-        dist = np.hypot(self._enu[:, 0] - last[0], self._enu[:, 1] - last[1])
-        seen = {int(j) for j in retrieved}
-        near = [int(j) for j in np.argsort(dist)[:config.prior_candidates]
-                if dist[j] <= config.prior_radius_m and int(j) not in seen]
+        mean, covariance = prediction
+        gate = covariance + (config.prior_radius_m / 3.0) ** 2 * np.eye(2)
+        distance_sq = mahalanobis_sq(self._enu - mean, gate[None])
+        seen = set(checked)
+        near = [int(j) for j in np.argsort(distance_sq, kind='stable')[:config.prior_candidates]
+                if distance_sq[j] <= 9.0 and int(j) not in seen]
         if not near:
             return none
         # Their similarities are computed exactly, so the estimate weighs them like the rest.
@@ -246,8 +277,25 @@ class CVGLLocalizer:
         sims = self.database.embeddings[near].astype(np.float32) @ vector
         return np.array(near, np.int64), sims.astype(np.float32)
 
+    def _rank_with_prior(self, matches: List[Match], idx: np.ndarray, prediction) -> None:
+        """
+        Order matches by similarity / temperature - (squared Mahalanobis distance) / 2.
+
+        That is the log of (similarity likelihood x Gaussian prior): a place the embedding
+        likes but the motion cannot reach drops, a reachable place rises. The prediction's
+        covariance is widened by half the grid spacing (a place is an area, not a point).
+        """
+        mean, covariance = prediction
+        half = 0.5 * float(self.database.grid_spacing_m or 0.0)
+        distance_sq = mahalanobis_sq(self._enu[idx] - mean,
+                                     (covariance + half ** 2 * np.eye(2))[None])
+        score = np.array([m.similarity for m in matches]) / \
+            self.config.prior_similarity_temperature - 0.5 * distance_sq
+        order = np.argsort(-score, kind='stable')
+        matches[:] = [matches[j] for j in order]
+
     def _measure(self, idx: np.ndarray, sim: np.ndarray, timestamp, yaw: float,
-                 verification: Optional[Verification]) -> Measurement:
+                 verification: Optional[Verification], prediction=None) -> Measurement:
         db = self.database
         pose = estimate_pose(db.latitude[idx], db.longitude[idx], db.altitude[idx],
                              db.heading[idx], sim, db.grid_spacing_m, self._estimator,
@@ -259,7 +307,9 @@ class CVGLLocalizer:
             timestamp=timestamp, fix=pose.fix, latitude=pose.latitude,
             longitude=pose.longitude, altitude=pose.altitude, heading=pose.heading,
             heading_variance=pose.heading_variance, position_covariance=pose.position_covariance,
-            confidence=pose.confidence, matches=matches)
+            confidence=pose.confidence, matches=matches, tracked=prediction is not None)
+        if prediction is not None:
+            self._rank_with_prior(matches, idx, prediction)
         if self.reranker is not None:
             self._apply_verification(measurement, pose, idx, verification, yaw)
         return measurement

@@ -82,8 +82,30 @@ def test_motion_prior_adds_the_places_near_the_last_fix(scene, tile_map):
     assert second.fix and second.matches[0].index == 4
     assert distance_m(second.latitude, second.longitude, view.latitude, view.longitude) < 150
     # A stale fix (older than prior_max_age_s) gives no prior: only the single retrieved place.
-    indices, _ = loc._prior(torch.zeros(512), np.array([0]), timestamp=100.0)
-    assert len(indices) == 0
+    assert loc.track.predict(15.0 + 30.5) is None
+    stale = loc.localize(view.image, timestamp=15.0 + 30.5)
+    assert not stale.tracked and [m.index for m in stale.matches] == stale.retrieval[:1]
+
+
+def test_the_track_ranks_the_predicted_place_first_when_nothing_verifies(scene, tile_map):
+    tiles = tile_map[2]
+    config = {'top_k': len(tiles), 'rerank': RerankConfig(candidates=1),
+              'prior_radius_m': 2000.0, 'prior_candidates': len(tiles),
+              'prior_similarity_temperature': 1.0}
+    rows = sorted({t.row for t in tiles})
+    a, b, c = sorted((i for i, t in enumerate(tiles) if t.row == rows[1]),
+                     key=lambda i: tiles[i].col)[:3]     # three places in a row, west to east
+    loc = localizer_for(tile_map, **config)
+    for stamp, place in ((0.0, a), (5.0, b)):   # moving east, one grid stride per 5 s
+        m = loc.localize(tiles[place].image, timestamp=stamp)
+        assert m.fix and m.matches[0].index == place
+    blank = np.full((256, 256, 3), 90, np.uint8)    # nothing to see: no feature verifies
+    m = loc.localize(blank, timestamp=10.0)
+    assert m.tracked and m.verified is False and not m.fix
+    assert m.matches[0].index == c                  # where the motion says the camera is
+    # Without a track the same image is ranked by its embedding alone.
+    fresh = localizer_for(tile_map, **config).localize(blank, timestamp=10.0)
+    assert not fresh.tracked and [x.index for x in fresh.matches] == fresh.retrieval
 
 
 def test_offset_to_enu_follows_the_image_heading():

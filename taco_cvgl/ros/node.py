@@ -70,7 +70,10 @@ def load_localizer(params: NodeParams):
                               min_inliers=params.rerank_min_inliers)
     config = LocalizerConfig(top_k=params.top_k, index=params.index, estimator=estimator,
                              rerank=rerank, prior_radius_m=params.prior_radius_m,
-                             prior_max_age_s=params.prior_max_age_s)
+                             prior_max_age_s=params.prior_max_age_s,
+                             prior_candidates=params.prior_candidates,
+                             track_speed_sigma_mps=params.track_speed_sigma_mps,
+                             track_accel_sigma_mps2=params.track_accel_sigma_mps2)
     try:
         model = ImageRetrievalModel.load(params.weights, params.device, params.precision)
         if params.fast_path != 'off':

@@ -98,11 +98,22 @@ class NodeParams:
     rerank_min_inliers: int = _field(
         15, 'RANSAC inliers a candidate needs to count as verified.', low=4, high=1000)
     prior_radius_m: float = _field(
-        0.0, 'Motion prior (needs rerank): also check the places within this many metres of the '
-        'last verified fix; 0 disables it.', low=0.0, high=1e6)
+        0.0, 'Motion prior (needs rerank): a constant-velocity track over the verified fixes '
+        'predicts the position; the places within this many metres of it (more as the '
+        'prediction grows uncertain) are checked too, and candidates are ranked with it; '
+        '0 disables it.', low=0.0, high=1e6)
     prior_max_age_s: float = _field(
-        30.0, 'The motion prior uses a verified fix at most this many seconds old (image time).',
-        low=0.0, high=1e5)
+        30.0, 'The motion prior predicts at most this many seconds (image time) past the last '
+        'verified fix.', low=0.0, high=1e5)
+    prior_candidates: int = _field(
+        10, 'Motion prior: at most this many places around the predicted position are checked '
+        'per frame (nearest first).', low=0, high=500)
+    track_speed_sigma_mps: float = _field(
+        10.0, "Motion prior: uncertainty (1 sigma, m/s) of the platform's speed when a track "
+        'starts, before a second fix measures it.', low=0.0, high=1000.0)
+    track_accel_sigma_mps2: float = _field(
+        1.0, 'Motion prior: white acceleration noise (1 sigma, m/s^2) between fixes: how hard '
+        'the platform manoeuvres.', low=0.0, high=100.0)
     publish_no_fix: bool = _field(
         False, 'Below min_confidence, publish a NavSatFix with status NO_FIX (and NaN position) '
         'instead of nothing.')
