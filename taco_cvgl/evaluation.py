@@ -39,7 +39,9 @@ class FrameResult:
     truth_* are NaN when no ground truth lies near the frame's time; est_* are NaN when the
     frame failed (then `failure` says why). covariance_en is the estimate's 2x2 (east, north)
     covariance in m^2, NaN-filled when unknown. retrieved holds the (latitude, longitude) of the
-    retrieved database entries, best first (empty for a recorded estimate).
+    retrieved database entries in the localizer's ranking, best first (empty for a recorded
+    estimate); retrieval_only the same for the ranking by the image's embedding alone, before
+    geometric verification and the motion prior (empty when unknown).
     """
 
     index: int
@@ -57,6 +59,7 @@ class FrameResult:
     latency_s: float = math.nan
     retrieved: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2)))
     retrieved_ids: List[str] = dataclasses.field(default_factory=list)
+    retrieval_only: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2)))
     failure: Optional[str] = None
 
     @property
@@ -81,6 +84,7 @@ class FrameTable:
     mahalanobis: np.ndarray    # Mahalanobis distance of error_en under covariance_en
     heading_error_deg: np.ndarray
     first_hit_rank: np.ndarray  # 1-based rank of the first entry within threshold; 0: none
+    retrieval_first_hit_rank: np.ndarray  # the same in the embedding-only ranking
 
 
 def position_errors_m(est_lat, est_lon, truth_lat, truth_lon) -> np.ndarray:
@@ -251,9 +255,12 @@ def frame_table(frames: Sequence[FrameResult], threshold_m: float = 25.0) -> Fra
     heading = heading_errors_deg(column('est_heading'), column('truth_heading'))
     heading = np.where(scored, heading, np.nan)
     ranks = first_hit_ranks([f.retrieved for f in frames], truth_lat, truth_lon, threshold_m)
+    retrieval_ranks = first_hit_ranks([f.retrieval_only for f in frames], truth_lat, truth_lon,
+                                      threshold_m)
     return FrameTable(scored=scored, fix=np.array([bool(f.fix) for f in frames], dtype=bool),
                       error_m=error_m, error_en=error_en, mahalanobis=mahalanobis,
-                      heading_error_deg=heading, first_hit_rank=ranks)
+                      heading_error_deg=heading, first_hit_rank=ranks,
+                      retrieval_first_hit_rank=retrieval_ranks)
 
 
 def definitions(threshold_m: float, fix_threshold_m: float, max_gt_gap_s: float) -> Dict[str, str]:
@@ -266,7 +273,14 @@ def definitions(threshold_m: float, fix_threshold_m: float, max_gt_gap_s: float)
                         f'out of every metric',
         'scored': 'frames with ground truth and an estimate; every metric is over them',
         'recall_at_k': f'share of scored frames with any of the first k retrieved database '
-                       f'entries within {threshold_m} m (geodesic) of the true position',
+                       f'entries within {threshold_m} m (geodesic) of the true position, in '
+                       f"the localizer's ranking (the geometrically verified place first; with "
+                       f'the motion prior, the rest by similarity combined with the predicted '
+                       f'position)',
+        'recall_retrieval_only': "the same over the ranking by the image's embedding alone "
+                                 '(nearest neighbours in the database, before geometric '
+                                 'verification and the motion prior): what one image says on '
+                                 'its own',
         'position_error_m': 'geodesic distance between the estimate and the true position; '
                             '"all" over every scored frame (with or without a fix), "fixes" '
                             'over those the localizer published as a fix',
@@ -321,8 +335,13 @@ def summarize(frames: Sequence[FrameResult], threshold_m: float = 25.0,
                    'failed': int((failed & has_truth).sum())},
         'threshold_m': float(threshold_m),
         'fix_threshold_m': float(fix_threshold_m),
-        'recall': _recall(table, scored, [f.retrieved for f in frames], ks, threshold_m,
-                          database_size, recall_unavailable),
+        'recall': _recall(table.first_hit_rank, scored, [f.retrieved for f in frames], ks,
+                          threshold_m, database_size, recall_unavailable),
+        'recall_retrieval_only': _recall(
+            table.retrieval_first_hit_rank, scored, [f.retrieval_only for f in frames], ks,
+            threshold_m, database_size, recall_unavailable or (
+                None if any(len(f.retrieval_only) for f in frames)
+                else 'the ranking by the embedding alone was not recorded')),
         'position_error_m': {'all': error_stats(table.error_m[scored]),
                              'fixes': error_stats(table.error_m[fixes])},
         'fixes': _fix_summary(table, scored, fixes, fix_threshold_m, images_with_truth),
@@ -334,7 +353,7 @@ def summarize(frames: Sequence[FrameResult], threshold_m: float = 25.0,
     return metrics
 
 
-def _recall(table: FrameTable, scored: np.ndarray, retrieved: Sequence[np.ndarray],
+def _recall(first_hit_rank: np.ndarray, scored: np.ndarray, retrieved: Sequence[np.ndarray],
             ks: Sequence[int], threshold_m: float, database_size: Optional[int],
             unavailable: Optional[str]) -> Dict[str, Any]:
     """Return the Recall@k block of the metrics."""
@@ -347,7 +366,7 @@ def _recall(table: FrameTable, scored: np.ndarray, retrieved: Sequence[np.ndarra
     everything = database_size is not None and depth >= database_size
     block: Dict[str, Any] = {'available': True, 'threshold_m': float(threshold_m),
                              'retrieved_per_frame': int(depth)}
-    ranks = table.first_hit_rank[scored]
+    ranks = first_hit_rank[scored]
     values = recall_from_ranks(ranks, ks)
     notes = []
     for k in ks:

@@ -178,8 +178,8 @@ def _check_thresholds(threshold_m: float, fix_threshold_m: Optional[float],
     return fix_threshold_m
 
 
-def _fill(frame: FrameResult, m: Measurement) -> None:
-    """Copy a measurement into a frame."""
+def _fill(frame: FrameResult, m: Measurement, database=None) -> None:
+    """Copy a measurement (and, given its database, the embedding-only ranking) in."""
     frame.est_lat, frame.est_lon = float(m.latitude), float(m.longitude)
     frame.est_heading = float(m.heading)
     frame.fix = bool(m.fix)
@@ -189,6 +189,9 @@ def _fill(frame: FrameResult, m: Measurement) -> None:
     frame.retrieved = np.array([(x.latitude, x.longitude) for x in m.matches],
                                dtype=float).reshape(-1, 2)
     frame.retrieved_ids = [x.image_id for x in m.matches]
+    if database is not None and m.retrieval:
+        frame.retrieval_only = np.stack([database.latitude[m.retrieval],
+                                         database.longitude[m.retrieval]], axis=1).astype(float)
 
 
 def _grid_picks(count: int, rows: int) -> set:
@@ -315,7 +318,7 @@ def _localize_frame(localizer: CVGLLocalizer, index: int, stamp: int, rgb: np.nd
         # it is counted, listed and makes the result incomplete.
         frame.failure = f'{type(exc).__name__}: {exc}'
         return frame
-    _fill(frame, measurement)
+    _fill(frame, measurement, localizer.database)
     return frame
 
 
@@ -495,16 +498,20 @@ def _frames_csv(frames: Sequence[FrameResult], table: FrameTable) -> str:
     writer = csv.writer(out)
     writer.writerow(['index', 'stamp_ns', 'status', 'truth_lat', 'truth_lon', 'est_lat',
                      'est_lon', 'fix', 'error_m', 'mahalanobis', 'heading_error_deg',
-                     'first_hit_rank', 'confidence', 'latency_s', 'top1_id', 'failure'])
+                     'first_hit_rank', 'retrieval_first_hit_rank', 'confidence',
+                     'latency_s', 'top1_id', 'failure'])
     for i, f in enumerate(frames):
         status = ('failed' if f.failure else 'scored' if table.scored[i]
                   else 'no_ground_truth')
         rank = int(table.first_hit_rank[i])
+        retrieval_rank = int(table.retrieval_first_hit_rank[i])
         writer.writerow([f.index, f.stamp_ns, status, num(f.truth_lat, 8), num(f.truth_lon, 8),
                          num(f.est_lat, 8), num(f.est_lon, 8), int(f.fix),
                          num(table.error_m[i], 2), num(table.mahalanobis[i]),
                          num(table.heading_error_deg[i], 2),
                          rank if rank >= 0 and len(f.retrieved) else '',
+                         retrieval_rank if retrieval_rank >= 0 and len(f.retrieval_only)
+                         else '',
                          num(f.confidence), num(f.latency_s, 4),
                          f.retrieved_ids[0] if f.retrieved_ids else '', f.failure or ''])
     return out.getvalue()
