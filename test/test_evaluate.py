@@ -123,6 +123,8 @@ def test_camera_bag_metrics_match_hand_computed(tmp_path, small_map, localizer, 
     assert recall['at_5'] == pytest.approx(4 / 5)  # + the frame at 6 (truth at its rank 2)
     assert recall['at_10'] == pytest.approx(4 / 5)  # all 8 entries retrieved
     assert any('all retrieved' in note for note in recall['notes'])
+    # Without verification or a motion prior the localizer ranks as the embedding does.
+    assert m['recall_retrieval_only'] == recall
 
     fixes = m['fixes']
     assert fixes['count'] == 5 and fixes['share'] == 1.0
@@ -280,6 +282,7 @@ def test_recorded_bag_metrics_match_hand_computed(tmp_path, storage, split):
     assert m['frames']['total'] == 7 and m['frames']['scored'] == 6
     assert m['frames']['no_ground_truth'] == 1 and m['frames']['no_fix_messages'] == 1
     assert m['recall']['available'] is False and 'Recall@k' in m['recall']['reason']
+    assert m['recall_retrieval_only'] == m['recall']
     assert m['latency_s']['available'] is False
 
     errors = [math.hypot(*e) for e, _, _ in RECORDED]
