@@ -18,32 +18,55 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
              precision: str = 'auto', batch_size: int = 32, dtype: str = 'fp16',
              skip_bad: bool = False, progress: bool = True, bag=None,
              image_topic: Optional[str] = None, gps_topic: Optional[str] = None,
-             every: int = 1) -> EmbeddingDatabase:
+             every: int = 1, devices: int = 1, accelerator: str = 'auto', num_nodes: int = 1,
+             strategy: str = 'auto', workers: Optional[int] = None
+             ) -> Optional[EmbeddingDatabase]:
     """
     Build and save a database from images + CSV, images with EXIF GPS, or a rosbag2.
 
     A bag's images (image_topic, raw or compressed) are tagged with the GPS position
     interpolated from gps_topic (NavSatFix) and kept as JPEG files in OUT.images/. Returns the
     database as written. Nothing is written at `out` unless the whole build succeeds.
+
+    devices (per machine) x num_nodes > 1 spreads the embedding over that many processes with
+    Lightning DDP (taco_cvgl.distributed_db): accelerator 'cpu' or 'gpu' ('auto' follows
+    `device`), strategy 'ddp' (the further processes run this same program again, as torchrun
+    does) or 'ddp_spawn' (started from Python: notebooks, tests); workers: data-loading
+    processes per process. The merged database is the single-process one; only the process that
+    wrote it gets it back, the others get None.
     """
-    if bag is not None:
-        if not (image_topic and gps_topic):
-            raise InputError('a bag source needs --image-topic and --gps-topic')
-        records = records_from_bag(bag, image_topic, gps_topic,
-                                   Path(str(out) + '.images'), every, progress=progress)
-    elif csv is None and images is None:
-        raise InputError('give --images DIR (EXIF GPS), --csv FILE or --bag BAG')
-    else:
-        records = read_csv(csv, images) if csv else records_from_exif(images)
-    model = ImageRetrievalModel.load(weights, device, precision)
+    from taco_cvgl.distributed_db import leads_launch, plan_processes
+    device, plan = plan_processes(device, precision, devices, accelerator, num_nodes, strategy,
+                                  workers)
+    if plan is None or leads_launch():
+        records = _read_records(out, images, csv, bag, image_topic, gps_topic, every, progress)
+    else:   # a further process of a multi-process build: rank 0 sends it the records
+        records = None
 
     def report_skip(path, why):
         print(f'skipping {path}: {why}', file=sys.stderr)
 
+    if plan is not None:
+        from taco_cvgl.distributed_db import build_database_parallel
+        return build_database_parallel(out, weights, records, plan, batch_size, dtype, skip_bad,
+                                       progress, str(csv or images), report_skip)
+    model = ImageRetrievalModel.load(weights, device, precision)
     db = build_database(model, records, batch_size=batch_size, skip_bad=skip_bad,
                         progress=progress, source=str(csv or images), on_skip=report_skip)
     db.save(out, dtype=dtype)
     return db
+
+
+def _read_records(out, images, csv, bag, image_topic, gps_topic, every, progress):
+    """Return the image records of whichever source was given."""
+    if bag is not None:
+        if not (image_topic and gps_topic):
+            raise InputError('a bag source needs --image-topic and --gps-topic')
+        return records_from_bag(bag, image_topic, gps_topic, Path(str(out) + '.images'), every,
+                                progress=progress)
+    if csv is None and images is None:
+        raise InputError('give --images DIR (EXIF GPS), --csv FILE or --bag BAG')
+    return read_csv(csv, images) if csv else records_from_exif(images)
 
 
 @reports_errors
@@ -71,10 +94,30 @@ def main(argv: Optional[list] = None) -> int:
                         help='skip unreadable images (counted) instead of stopping')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     add_runtime_args(parser)
+    scale = parser.add_argument_group(
+        'several processes', 'embed with Lightning DDP over several GPUs (or CPU processes) and '
+        'machines, then merge into one database; on several machines start the same command '
+        'on each (MASTER_ADDR, MASTER_PORT, NODE_RANK set, or under torchrun / SLURM) with the '
+        'images, weights and --out folder on storage they all share')
+    scale.add_argument('--devices', type=int, default=1,
+                       help='processes per machine, one per GPU with --accelerator gpu')
+    scale.add_argument('--accelerator', default='auto', choices=('auto', 'cpu', 'gpu'),
+                       help='what each process runs on (auto: as --device says)')
+    scale.add_argument('--num-nodes', type=int, default=1, help='machines taking part')
+    scale.add_argument('--strategy', default='auto', choices=('auto', 'ddp', 'ddp_spawn'),
+                       help="how processes start: 'ddp' runs this command again per process "
+                            "(auto), 'ddp_spawn' starts them from Python")
+    scale.add_argument('--workers', type=int, default=None,
+                       help='image-decoding worker processes per process (default: the CPUs '
+                            'shared out, at most 4)')
     args = parser.parse_args(argv)
     db = build_db(args.out, args.weights, args.images, args.csv, args.device, args.precision,
                   args.batch_size, args.dtype, args.skip_bad, not args.no_progress, args.bag,
-                  args.image_topic, args.gps_topic, args.every)
+                  args.image_topic, args.gps_topic, args.every, devices=args.devices,
+                  accelerator=args.accelerator, num_nodes=args.num_nodes,
+                  strategy=args.strategy, workers=args.workers)
+    if db is None:      # a further process of a multi-process build; rank 0 reports
+        return 0
     print(f'wrote {args.out}: {len(db)} images, {db.dim}-D, model {db.model_fingerprint}, '
           f'grid spacing {db.grid_spacing_m:.1f} m, {db.meta.get("skipped", 0)} skipped')
     return 0
