@@ -298,7 +298,8 @@ def system(small_map, tmp_path_factory):
         '-p', 'device:=cpu'], env, work / 'node_a.log')
     node_b = start_node('cvgl_b', [
         *files, '-p', 'top_k:=1', '-p', 'image_transport:=compressed', '-r', 'image:=/cam_b/image',
-        '-p', 'fix_topic:=/b/fix', '-p', 'geopose_topic:=/b/geopose', '-p', 'max_rate_hz:=2.0'],
+        '-p', 'fix_topic:=/b/fix', '-p', 'geopose_topic:=/b/geopose', '-p', 'max_rate_hz:=2.0',
+        '-p', 'fast_path:=auto'],
         process_env(domain, pythonpath=[shadow.parent]), work / 'node_b.log')
     camera = Camera(env, work)
     listener = Listener(domain)
@@ -461,6 +462,7 @@ def test_diagnostics_report_rates_latency_and_device(system):
         assert key in values, key
     assert values['device'] == 'cpu' and values['_hardware_id'] == 'cpu'
     assert values['precision'] == 'fp32'
+    assert values['fast_path'] == 'off'   # the default: the eager model
     assert int(values['database_places']) == len(system.map.places)
     assert float(values['confidence']) == 1.0  # top_k 1: one neighbour holds all the weight
     assert float(values['input_rate_hz']) > 0
@@ -471,10 +473,11 @@ def test_diagnostics_report_rates_latency_and_device(system):
 
 def test_compressed_camera_newest_frame_only_and_no_geopose_without_geographic_msgs(system):
     """
-    Node B: compressed images through a remap, newest frame only, NavSatFix only.
+    Node B: compressed images through a remap, newest frame only, NavSatFix only, fast path.
 
     20 JPEG frames in 1 s at max_rate_hz 2 give a few fixes, the last for the newest frame, and
-    no backlog; a corrupt JPEG is skipped; without geographic_msgs there is no GeoPose.
+    no backlog; a corrupt JPEG is skipped; without geographic_msgs there is no GeoPose. Node B
+    runs with fast_path auto: its fixes come through the checked CPU backend, not eager.
     """
     rgb, lat, lon = system.map.places[6]
     fmt, data = encode_compressed(rgb, 'jpeg', quality=95)
@@ -495,6 +498,7 @@ def test_compressed_camera_newest_frame_only_and_no_geopose_without_geographic_m
                       what='node B to report dropped frames')
     values = diagnostics_of(listener, 'cvgl_b')
     assert int(values['bad_messages']) >= 1
+    assert values['fast_path'] in ('onnxruntime', 'jit'), values['fast_path']
     log = log_of(system.b)
     assert 'geographic_msgs is not installed: publishing NavSatFix only' in log
     assert "cameras ['/cam_b/image/compressed']" in log

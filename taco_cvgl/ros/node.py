@@ -146,10 +146,19 @@ class CVGLNode(Node):
         self._worker = threading.Thread(target=self._run, name='cvgl_worker', daemon=True)
         self._worker.start()
         model = self.localizer.model
+        fast = getattr(model, '_fast', None)
+        if fast is not None and fast.fallback_reason:
+            self.get_logger().warning(f'fast path: fell back to {fast.backend} '
+                                      f'({fast.fallback_reason})')
         self.get_logger().info(
             f'ready: {len(self.localizer.database)} places, model on {model.device} '
-            f'({model.precision}), cameras {self._topics}, publishing {p.fix_topic}'
-            + (f' and {p.geopose_topic}' if self._geopose_pub else ''))
+            f'({model.precision}, fast path {self._fast_path()}), cameras {self._topics}, '
+            f'publishing {p.fix_topic}' + (f' and {p.geopose_topic}' if self._geopose_pub else ''))
+
+    def _fast_path(self) -> str:
+        """Return the inference backend in use: 'off' (eager model) or the fast path's name."""
+        fast = getattr(self.localizer.model, '_fast', None)
+        return 'off' if fast is None else fast.backend
 
     def stop(self) -> None:
         """Stop the worker thread (the current batch finishes first)."""
@@ -262,6 +271,7 @@ class CVGLNode(Node):
             'bad_messages': c.bad, 'localization_errors': c.errors,
             'localizations': c.localized, 'fixes': c.fixes,
             'device': str(model.device), 'precision': model.precision,
+            'fast_path': self._fast_path(),
             'database_places': len(self.localizer.database),
             'cameras': ' '.join(self._topics),
         }
