@@ -161,12 +161,19 @@ def write_flight_bag(views, path: Path) -> Path:
 
 
 def demo_localizer_config():
-    """Return the localizer settings the demo uses (retrieval, verification, motion prior)."""
+    """
+    Return the localizer settings the demo uses (retrieval, verification, motion prior).
+
+    The motion model is the simulated aircraft's: about 50 m/s, gentle turns, and a camera at
+    0.2 Hz that may see nothing verifiable (dense forest, haze) for a minute or more.
+    """
     from taco_cvgl.localizer import LocalizerConfig
     from taco_cvgl.rerank import RerankConfig
     return LocalizerConfig(top_k=10, rerank=RerankConfig(candidates=10,
                                                          acquisition_candidates=40),
-                           prior_radius_m=2 * STRIDE_PX * PIXEL_M, prior_candidates=9)
+                           prior_radius_m=2 * STRIDE_PX * PIXEL_M, prior_candidates=9,
+                           prior_max_age_s=120.0, track_speed_sigma_mps=50.0,
+                           track_accel_sigma_mps2=1.0)
 
 
 def calibrate(localizer, views) -> Dict[str, float]:
@@ -218,6 +225,10 @@ def run_live(options: DemoOptions, weights: Path, db: Path, flight_bag: Path) ->
                 '-p', f'rerank_candidates:={config.rerank.candidates}',
                 '-p', f'rerank_acquisition_candidates:={config.rerank.acquisition_candidates}',
                 '-p', f'prior_radius_m:={config.prior_radius_m}',
+                '-p', f'prior_max_age_s:={config.prior_max_age_s}',
+                '-p', f'prior_candidates:={config.prior_candidates}',
+                '-p', f'track_speed_sigma_mps:={config.track_speed_sigma_mps}',
+                '-p', f'track_accel_sigma_mps2:={config.track_accel_sigma_mps2}',
                 '-p', 'publish_no_fix:=true']
     log_path = options.out / 'node.log'
     with open(log_path, 'w') as node_log:
@@ -386,11 +397,16 @@ def print_summary(summary: Dict, out: Path) -> None:
     print('  (Landsat-8, one date; simulated downward camera; see README for limits)')
     for name, m in (('live node (recorded bag)', live), ('offline (same localizer)', offline)):
         recall = m['recall'].get('at_1') if m['recall'].get('available') else None
+        alone = m.get('recall_retrieval_only', {})
+        alone = alone.get('at_1') if alone.get('available') else None
         fixes, cal = m['fixes'], m['calibration']
         error = m['position_error_m']['fixes'].get('median')
         print(f'  {name}:')
         print(f'    Recall@1 within one grid stride {pct(recall)}   fixes published '
               f'{pct(fixes.get("share"))}   precision of fixes {pct(fixes.get("precision"))}')
+        if alone is not None:
+            print(f'    Recall@1 of the image embedding alone (no verification, no motion '
+                  f'prior) {pct(alone)}')
         print(f'    median error of fixes {"n/a" if error is None else f"{error:.0f} m"}   '
               f'2-sigma ellipse holds {pct(cal.get("within_2sigma"))}')
     print(f'  pictures: {out}/eval_offline/*.png and {out}/eval_live/*.png')
