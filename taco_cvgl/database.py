@@ -315,49 +315,67 @@ def typical_spacing_m(latitude: np.ndarray, longitude: np.ndarray, sample: int =
 def build_database(model, records: Sequence[ImageRecord], batch_size: int = 32,
                    workers: int = 4, skip_bad: bool = False, progress: bool = True,
                    source: str = '', on_skip: Optional[Callable[[str, str], None]] = None,
-                   ) -> EmbeddingDatabase:
+                   pipeline: str = 'auto') -> EmbeddingDatabase:
     """
     Embed every record's image with `model` (already on its runtime device).
 
     Missing files are reported all at once before any work starts. An unreadable image is an
     error naming the file, or skipped and counted when skip_bad is set.
+
+    pipeline: 'host' decodes and preprocesses on the CPU (threads) and hands the model ready
+    batches; 'device' reads files in threads, decodes JPEGs in batches on the model's GPU
+    (nvJPEG; other files and CPU-only machines decode on the CPU) and preprocesses there,
+    reading the next batch while one is embedded (gpu_decode.embed_image_files); 'auto' takes
+    'device' on CUDA and 'host' elsewhere.
     """
     from taco_cvgl.image_codec import load_image_file
+    if pipeline not in ('auto', 'host', 'device'):
+        raise InputError(f"pipeline must be 'auto', 'host' or 'device', got {pipeline!r}")
     if not records:
         raise InputError('no images to put in the database')
     missing = [r.path for r in records if not os.path.isfile(r.path)]
     if missing and not skip_bad:
         more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
         raise InputError(f'{len(missing)} image file(s) not found: {missing[:5]}{more}')
+    if pipeline == 'auto':
+        pipeline = 'device' if torch_device_type(model) == 'cuda' else 'host'
     kept: List[ImageRecord] = []
     chunks = []
     skipped = 0
-
-    def load(record: ImageRecord):
-        try:
-            return load_image_file(record.path)
-        except InputError as exc:
-            if not skip_bad:
-                raise
-            return exc
-
     bar = _progress(len(records), 'embedding', progress)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(records), batch_size):
-            batch_records = records[start:start + batch_size]
-            images = list(pool.map(load, batch_records))
-            good = [(r, im) for r, im in zip(batch_records, images)
-                    if not isinstance(im, Exception)]
-            for r, im in zip(batch_records, images):
-                if isinstance(im, Exception):
-                    skipped += 1
-                    if on_skip:
-                        on_skip(r.path, str(im))
-            if good:
-                chunks.append(model.encode_batch([im for _, im in good],
-                                                 batch_size=batch_size).numpy())
-                kept.extend(r for r, _ in good)
-            bar.update(len(batch_records))
+    if pipeline == 'device':
+        from taco_cvgl.gpu_decode import embed_image_files
+        embeddings, kept_at = embed_image_files(
+            model, [r.path for r in records], batch_size=batch_size, workers=workers,
+            skip_bad=skip_bad, on_skip=on_skip, on_batch=bar.update)
+        chunks.append(embeddings)
+        kept = [records[i] for i in kept_at]
+        skipped = len(records) - len(kept)
+    else:
+        def load(record: ImageRecord):
+            try:
+                return load_image_file(record.path)
+            except InputError as exc:
+                if not skip_bad:
+                    raise
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for start in range(0, len(records), batch_size):
+                batch_records = records[start:start + batch_size]
+                images = list(pool.map(load, batch_records))
+                good = [(r, im) for r, im in zip(batch_records, images)
+                        if not isinstance(im, Exception)]
+                for r, im in zip(batch_records, images):
+                    if isinstance(im, Exception):
+                        skipped += 1
+                        if on_skip:
+                            on_skip(r.path, str(im))
+                if good:
+                    chunks.append(model.encode_batch([im for _, im in good],
+                                                     batch_size=batch_size).numpy())
+                    kept.extend(r for r, _ in good)
+                bar.update(len(batch_records))
     bar.close()
     if not kept:
         raise InputError('no readable image among the records')
@@ -373,6 +391,11 @@ def build_database(model, records: Sequence[ImageRecord], batch_size: int = 32,
         meta={'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
               'source': source, 'skipped': skipped})
     return db
+
+
+def torch_device_type(model) -> str:
+    """Return 'cuda' or 'cpu': where a model (ImageRetrievalModel or FastEmbedder) runs."""
+    return str(getattr(model, 'device', 'cpu')).split(':')[0]
 
 
 def _progress(total: int, desc: str, enabled: bool):

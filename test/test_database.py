@@ -118,6 +118,37 @@ def test_missing_and_unreadable_images(small_map, tmp_path):
     assert len(db) == 2 and skipped == [str(broken)] and db.meta['skipped'] == 1
 
 
+def test_device_pipeline_builds_the_same_database(small_map, tmp_path):
+    """
+    The pipeline CUDA takes (threaded reads, batched decode, preprocessing on the device).
+
+    Here on the CPU it decodes on the CPU but runs the same code: same records and order,
+    embeddings within the fast path's cosine bar of the host pipeline, bad files alike.
+    """
+    model = ImageRetrievalModel.load(small_map.weights, device='cpu')
+    records = read_csv(small_map.csv)
+    broken = tmp_path / 'broken.jpg'
+    broken.write_bytes(b'\xff\xd8\xff not really a JPEG')
+    mixed = records[:3] + [type(records[0])(str(broken), 1.0, 2.0)] + records[3:]
+    built, skipped = {}, {}
+    for pipeline in ('host', 'device'):
+        with pytest.raises(InputError, match='broken.jpg'):
+            build_database(model, mixed, batch_size=3, progress=False, pipeline=pipeline)
+        skipped[pipeline] = []
+        built[pipeline] = build_database(model, mixed, batch_size=3, progress=False,
+                                         pipeline=pipeline, skip_bad=True,
+                                         on_skip=lambda p, why, k=pipeline: skipped[k].append(p))
+    host, device = built['host'], built['device']
+    assert list(device.image_ids) == list(host.image_ids) == [r.path for r in records]
+    assert skipped['device'] == skipped['host'] == [str(broken)]
+    assert device.meta['skipped'] == host.meta['skipped'] == 1
+    np.testing.assert_array_equal(device.latitude, host.latitude)
+    cosine = (device.embeddings * host.embeddings).sum(axis=1)
+    assert cosine.min() > 0.999, cosine
+    with pytest.raises(InputError, match='pipeline'):
+        build_database(model, records, progress=False, pipeline='gpu')
+
+
 def test_exif_gps_database(small_map, tmp_path):
     folder = tmp_path / 'photos'
     folder.mkdir()
