@@ -21,6 +21,7 @@ def test_demo_pipeline_reduced(tmp_path):
     for step in ('1/6', '2/6', '3/6', '4/6', '5/6', '6/6'):
         assert '[demo ' in run.stdout and f'{step} ' in run.stdout
     assert 'Recall@1 within one grid stride' in run.stdout
+    assert 'Recall@1 of the image embedding alone' in run.stdout
     # The flight is a real rosbag2 with camera images and ground truth.
     topics = list_topics(out / 'flight')
     assert topics['/camera/image_raw'] == 'sensor_msgs/msg/Image'
@@ -37,6 +38,8 @@ def test_demo_pipeline_reduced(tmp_path):
     assert live['complete'] and offline['complete']
     assert offline['frames']['scored'] == 10
     assert live['mode'] == 'recorded' and offline['mode'] == 'localizer'
+    assert offline['recall_retrieval_only']['available']
+    assert not live['recall_retrieval_only']['available']
     # The node answered the frames (publish_no_fix is on; it may skip one it fell behind on).
     assert live['fixes']['count'] + live['frames']['no_fix_messages'] >= 8
     for name in ('track.png', 'error_cdf.png', 'error_along_track.png', 'retrieval_grid.png'):
