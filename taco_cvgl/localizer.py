@@ -155,7 +155,8 @@ class CVGLLocalizer:
         db = EmbeddingDatabase.load(path)
         db.check_model(self._fingerprint, self.model.config, str(path))
         index_device = str(self.model.device) if self.config.index in ('auto', 'exact') else 'cpu'
-        self.index = make_index(db.embeddings, self.config.index, device=index_device)
+        self.index = make_index(db.embeddings, self.config.index, device=index_device,
+                                cache_prefix=str(path))
         self.reranker = self._make_reranker(db, path) if self.config.rerank else None
         self.database = db
         self._origin = (float(np.mean(db.latitude)), float(np.mean(db.longitude)))

@@ -4,16 +4,25 @@ Top-k cosine search over L2-normalised embeddings: exact (torch) or approximate 
 Exact search is a matrix product and a top-k on the GPU (fp16) or CPU (fp32), in chunks so the
 similarity matrix never exceeds a few hundred MB. For databases of millions on a CPU, a faiss
 HNSW graph or IVF-PQ index answers in milliseconds; IVF-PQ also stores each vector in `pq_bytes`.
+Building one takes minutes for millions of entries, so `make_index` keeps it in a file beside the
+database (`cache_prefix`) and reuses it while the embeddings and the index options are the same.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.errors import InputError
 import torch
+
+log = logging.getLogger(__name__)
 
 INDEX_KINDS = ('auto', 'exact', 'hnsw', 'ivfpq')
 # 'auto' switches to an approximate index above this many entries on the CPU.
@@ -60,10 +69,29 @@ class ExactIndex:
 class FaissIndex:
     """Approximate inner-product search with faiss (HNSW or IVF-PQ), on the CPU."""
 
+    loaded_from: Optional[Path] = None   # the file the index was read from, if it was
+
     def __init__(self, embeddings: np.ndarray, kind: str = 'hnsw', pq_bytes: int = 64,
-                 nprobe: int = 16, ef_search: int = 128, seed: int = 0):
-        """Build the index; IVF-PQ trains its quantisers on (a sample of) the embeddings."""
+                 nprobe: int = 16, ef_search: int = 128, seed: int = 0,
+                 cache_prefix: Optional[str] = None):
+        """
+        Build the index; IVF-PQ trains its quantisers on (a sample of) the embeddings.
+
+        With cache_prefix, the index is read from CACHE_PREFIX.KIND.faiss when that file was
+        built from the same embeddings with the same options, and written there otherwise (a
+        cache that cannot be read or written is skipped with a warning, never an error).
+        """
         import faiss
+        options = {'kind': kind, 'pq_bytes': pq_bytes, 'nprobe': nprobe,
+                   'ef_search': ef_search, 'seed': seed, 'faiss': faiss.__version__}
+        cache = key = None
+        if cache_prefix is not None:
+            cache = Path(f'{cache_prefix}.{kind}.faiss')
+            key = _content_key(embeddings, options)
+            index = _read_cached(cache, key)
+            if index is not None:
+                self.index, self.kind, self.loaded_from = index, kind, cache
+                return
         data = np.ascontiguousarray(embeddings, dtype=np.float32)
         n, dim = data.shape
         if kind == 'hnsw':
@@ -90,6 +118,8 @@ class FaissIndex:
         index.add(data)
         self.index = index
         self.kind = kind
+        if cache is not None:
+            _write_cached(cache, key, index)
 
     def __len__(self) -> int:
         """Return the number of database entries."""
@@ -105,9 +135,51 @@ class FaissIndex:
         return idx.astype(np.int64), sim.astype(np.float32)
 
 
+def _content_key(embeddings: np.ndarray, options: dict) -> str:
+    """Return a digest of the embeddings' bytes and the index options."""
+    digest = hashlib.blake2b(digest_size=16)
+    data = np.ascontiguousarray(embeddings)
+    digest.update(json.dumps([list(data.shape), str(data.dtype), options],
+                             sort_keys=True).encode())
+    digest.update(memoryview(data).cast('B'))
+    return digest.hexdigest()
+
+
+def _read_cached(path: Path, key: str):
+    """Return the faiss index stored at path for this key, or None."""
+    import faiss
+    sidecar = path.with_name(path.name + '.json')
+    try:
+        if not path.is_file() or json.loads(sidecar.read_text()).get('key') != key:
+            return None
+        return faiss.read_index(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning('search index cache %s unreadable (%s): building the index again', path, exc)
+        return None
+
+
+def _write_cached(path: Path, key: str, index) -> None:
+    """Store the index and its key beside the database; warn and go on if that fails."""
+    import faiss
+    sidecar = path.with_name(path.name + '.json')
+    try:
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))
+        with atomic_path(sidecar) as tmp:
+            tmp.write_text(json.dumps({'key': key, 'entries': int(index.ntotal)}))
+    except (OSError, RuntimeError) as exc:
+        log.warning('could not keep the search index in %s (%s): it is built again at the next '
+                    'start', path, exc)
+
+
 def make_index(embeddings: np.ndarray, kind: str = 'auto', device: str = 'cpu',
                **options) -> object:
-    """Return a search index over `embeddings` of the given kind (see INDEX_KINDS)."""
+    """
+    Return a search index over `embeddings` of the given kind (see INDEX_KINDS).
+
+    options go to FaissIndex (pq_bytes, nprobe, ef_search, seed, cache_prefix); the exact
+    index needs none and ignores cache_prefix.
+    """
     if kind not in INDEX_KINDS:
         raise InputError(f'index kind must be one of {INDEX_KINDS}, got {kind!r}')
     if len(embeddings) == 0:

@@ -53,3 +53,31 @@ def test_make_index_choices_and_errors():
         make_index(db, 'lsh')
     with pytest.raises(InputError, match='at least'):
         make_index(db, 'ivfpq', pq_bytes=8)
+
+
+def test_approximate_index_is_kept_beside_the_database_and_rebuilt_when_stale(tmp_path, caplog):
+    db = unit_rows(4000, 64, 7)
+    queries = db[:50] + 0.05 * unit_rows(50, 64, 8)
+    prefix = str(tmp_path / 'map.npz')
+    built = make_index(db, 'hnsw', cache_prefix=prefix)
+    assert built.loaded_from is None and (tmp_path / 'map.npz.hnsw.faiss').is_file()
+    again = make_index(db, 'hnsw', cache_prefix=prefix)
+    assert again.loaded_from == tmp_path / 'map.npz.hnsw.faiss'
+    for a, b in zip(built.search(queries, 10), again.search(queries, 10)):
+        assert np.array_equal(a, b)
+    # Other embeddings (the database was rebuilt) or other options: built again, not reused.
+    changed = db.copy()
+    changed[1234] = unit_rows(1, 64, 9)[0]
+    assert make_index(changed, 'hnsw', cache_prefix=prefix).loaded_from is None
+    assert make_index(changed, 'hnsw', cache_prefix=prefix, ef_search=64).loaded_from is None
+    # A damaged cache file is a warning and a rebuild, never an error.
+    (tmp_path / 'map.npz.hnsw.faiss').write_bytes(b'not an index')
+    index = make_index(changed, 'hnsw', cache_prefix=prefix, ef_search=64)
+    assert index.loaded_from is None and 'unreadable' in caplog.text
+    # Where the database's folder cannot be written, the index still works.
+    blocked = tmp_path / 'file_not_folder'
+    blocked.write_text('')
+    index = make_index(db, 'hnsw', cache_prefix=str(blocked / 'map.npz'))
+    assert index.loaded_from is None and 'could not keep' in caplog.text
+    truth, _ = brute_force_topk(queries, db, 1)
+    assert recall_at_k(index.search(queries, 10)[0], truth, 1) >= 0.98
