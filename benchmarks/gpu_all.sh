@@ -42,20 +42,7 @@ PY
 fi
 
 OUT=${OUT:-$PWD/gpu_bench_out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-[[ -x .venv/bin/python ]] && PY=.venv/bin/python
-export PYTHONUNBUFFERED=1
-
-if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/taco_site .whl/*.whl
-    export PYTHONPATH=/tmp/taco_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-if [[ -d .bench_cache ]]; then
-    export TACO_CVGL_CACHE=$PWD/.bench_cache
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/gpu_env.sh
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo 'nvidia-smi not available' > "$OUT/nvidia-smi.txt"
 "$PY" - <<'PY' | tee "$OUT/env.txt"

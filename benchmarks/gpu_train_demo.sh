@@ -18,17 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-$PWD/gpu_train_out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-[[ -x .venv/bin/python ]] && PY=.venv/bin/python
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/taco_site .whl/*.whl
-    export PYTHONPATH=/tmp/taco_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-[[ -d .bench_cache ]] && export TACO_CVGL_CACHE=$PWD/.bench_cache
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/gpu_env.sh
 
 MINUTES=${TRAIN_MINUTES:-4}
 SIZE=${INPUT_SIZE:-128}

@@ -312,6 +312,16 @@ def typical_spacing_m(latitude: np.ndarray, longitude: np.ndarray, sample: int =
     return float(np.median(nearest)) if len(nearest) else math.nan
 
 
+def check_records(records: Sequence[ImageRecord], skip_bad: bool = False) -> None:
+    """Refuse no records, and missing image files (all named at once) unless skip_bad."""
+    if not records:
+        raise InputError('no images to put in the database')
+    missing = [r.path for r in records if not os.path.isfile(r.path)]
+    if missing and not skip_bad:
+        more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
+        raise InputError(f'{len(missing)} image file(s) not found: {missing[:5]}{more}')
+
+
 def build_database(model, records: Sequence[ImageRecord], batch_size: int = 32,
                    workers: int = 4, skip_bad: bool = False, progress: bool = True,
                    source: str = '', on_skip: Optional[Callable[[str, str], None]] = None,
@@ -331,12 +341,7 @@ def build_database(model, records: Sequence[ImageRecord], batch_size: int = 32,
     from taco_cvgl.image_codec import load_image_file
     if pipeline not in ('auto', 'host', 'device'):
         raise InputError(f"pipeline must be 'auto', 'host' or 'device', got {pipeline!r}")
-    if not records:
-        raise InputError('no images to put in the database')
-    missing = [r.path for r in records if not os.path.isfile(r.path)]
-    if missing and not skip_bad:
-        more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
-        raise InputError(f'{len(missing)} image file(s) not found: {missing[:5]}{more}')
+    check_records(records, skip_bad)
     if pipeline == 'auto':
         pipeline = 'device' if torch_device_type(model) == 'cuda' else 'host'
     kept: List[ImageRecord] = []

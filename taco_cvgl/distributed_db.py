@@ -32,7 +32,7 @@ import uuid
 import warnings
 
 import numpy as np
-from taco_cvgl.database import EmbeddingDatabase, ImageRecord
+from taco_cvgl.database import check_records, EmbeddingDatabase, ImageRecord
 from taco_cvgl.errors import InputError, MismatchError
 import torch
 
@@ -240,12 +240,7 @@ def build_database_parallel(out, weights, records: Optional[Sequence[ImageRecord
 
 def _check_records(records, plan: ParallelPlan, skip_bad: bool) -> None:
     """Refuse, before any process starts, what the single-process build would refuse."""
-    if not records:
-        raise InputError('no images to put in the database')
-    missing = [r.path for r in records if not os.path.isfile(r.path)]
-    if missing and not skip_bad:
-        more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
-        raise InputError(f'{len(missing)} image file(s) not found: {missing[:5]}{more}')
+    check_records(records, skip_bad)
     if plan.processes > len(records):
         raise InputError(f'{plan.processes} processes for {len(records)} images: ask for at '
                          f'most one process per image (--devices x --num-nodes)')
