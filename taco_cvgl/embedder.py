@@ -133,12 +133,14 @@ class ImageRetrievalModel(nn.Module):
 
     # ----------------------------------------------------------------------------- runtime
     def to_runtime(self, device: str = 'auto', precision: str = 'auto',
-                   fast=False) -> 'ImageRetrievalModel':
+                   fast=False, calibration=None) -> 'ImageRetrievalModel':
         """
         Move to a device for inference: eval mode, channels_last and an autocast precision.
 
         device 'auto' picks CUDA when present. precision 'auto' is fp16 autocast on CUDA and fp32
-        on CPU (bf16 on CPU is faster where the CPU supports it; choose it explicitly).
+        on CPU (bf16 on CPU is faster where the CPU supports it; choose it explicitly). fast:
+        True or a backend name swaps in the checked fast path (fastpath.py); calibration:
+        images for its int8 backend.
         """
         if device == 'auto':
             device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -157,7 +159,8 @@ class ImageRetrievalModel(nn.Module):
         self._fast = None
         if fast:  # True: the best backend this machine has; or a backend name (fastpath.py)
             from taco_cvgl.fastpath import optimize
-            self._fast = optimize(self, 'auto' if fast is True else fast)
+            self._fast = optimize(self, 'auto' if fast is True else fast,
+                                  calibration=calibration)
         return self
 
     def _autocast(self):

@@ -17,6 +17,10 @@ backend:
   kernels for ConvNeXt's depthwise convolutions and LayerNorms are several times faster than
   eager PyTorch on small CPUs.
 - ``jit`` (CPU): ``torch.jit.trace`` + ``freeze`` in channels_last (oneDNN weight packing).
+- ``int8`` (CPU): static int8 quantization (PT2E, torchao's X86InductorQuantizer: int8
+  convolutions and matrix products, activation ranges measured on calibration images such as the
+  map's own), compiled by inductor, the remaining operations in bf16 autocast when the precision
+  is bf16. Needs torchao, a C++ compiler and calibration images; never chosen by 'auto'.
 - ``eager``: the model as `to_runtime` left it (the reference).
 
 Every backend is checked when it is built: its embeddings of a fixed random batch must have a
@@ -50,7 +54,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger('taco_cvgl.fastpath')
 
-BACKENDS = ('auto', 'eager', 'cuda_graph', 'compile', 'onnxruntime', 'jit')
+BACKENDS = ('auto', 'eager', 'cuda_graph', 'compile', 'onnxruntime', 'jit', 'int8')
 # A backend must reproduce the eager fp32 embeddings to this cosine similarity or better.
 MIN_COSINE = 0.999
 # What 'auto' tries, in order, per device type and precision (eager always ends the chain).
@@ -62,7 +66,10 @@ AUTO_CHAINS = {
     ('cpu', 'bf16'): ('jit',),
 }
 # Backends that 'compile' falls back to before eager.
-FALLBACKS = {'compile': ('cuda_graph',), 'cuda_graph': (), 'onnxruntime': ('jit',), 'jit': ()}
+FALLBACKS = {'compile': ('cuda_graph',), 'cuda_graph': (), 'onnxruntime': ('jit',), 'jit': (),
+             'int8': ('jit',)}
+# Calibration images the int8 backend measures activation ranges on (more are sampled down).
+INT8_CALIBRATION_IMAGES = 32
 DEFAULT_BATCH_SIZES = (1, 2, 4)
 
 
@@ -350,6 +357,97 @@ class _CompiledCpu:
             return self.fn(x.float()).float()
 
 
+class _Int8Cpu:
+    """
+    Static int8 on the CPU: PT2E quantization (torchao) compiled by inductor with frozen weights.
+
+    The network is exported with a dynamic batch dimension, quantized with the X86 inductor
+    quantizer (int8 convolutions and linear layers, per-channel weights, activation ranges
+    observed on the calibration batch) and compiled; oneDNN runs the int8 products on VNNI/AMX.
+    In bf16 precision the operations left in floating point run under bf16 autocast (the
+    export's dtype assertions are dropped for that). Accuracy is the calibration's: give it
+    images like the ones it will see (the map's), and the build check still demands the fast
+    path's cosine to eager fp32.
+    """
+
+    name = 'int8'
+
+    def __init__(self, model, precision: str, config, calibration: Optional[torch.Tensor]):
+        try:
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+        except ImportError as exc:
+            raise FastPathError(f'the int8 backend needs torchao ({exc})') from None
+        if find_cxx_compiler() is None:
+            raise FastPathError('the int8 backend compiles with inductor and needs a C++ '
+                                'compiler (g++ or clang++ on PATH, or $CXX)')
+        if calibration is None or len(calibration) == 0:
+            raise FastPathError('the int8 backend needs calibration images (for the node: the '
+                                "map's images, which must be at the paths the database lists)")
+        if precision not in ('fp32', 'bf16'):
+            raise FastPathError(f'the int8 backend runs with fp32 or bf16, not {precision}')
+        self.bf16 = precision == 'bf16'
+        network = weights_copy(model, torch.float32, torch.contiguous_format)
+        calibration = calibration.float().cpu()
+        example = calibration[:2] if len(calibration) > 1 else calibration.repeat(2, 1, 1, 1)
+        batch = torch.export.Dim('batch', min=1, max=1024)
+        with torch.no_grad():
+            graph = torch.export.export(network, (example,),
+                                        dynamic_shapes=({0: batch},)).module()
+            _drop_dtype_assertions(graph)
+            quantizer = x86.X86InductorQuantizer()
+            quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+            prepared = prepare_pt2e(graph, quantizer)
+            for start in range(0, len(calibration), 8):
+                prepared(calibration[start:start + 8])
+            self.fn = _compile(convert_pt2e(prepared))
+        self(torch.zeros((1, 3) + tuple(config.input_size)))  # compile now, not on frame 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._inductor import config as inductor_config
+        autocast = torch.autocast('cpu', dtype=torch.bfloat16) if self.bf16 else \
+            contextlib.nullcontext()
+        with torch.no_grad(), inductor_config.patch(freezing=True), autocast:
+            return self.fn(x.float()).float()
+
+
+def _drop_dtype_assertions(graph) -> None:
+    """Remove an exported graph's tensor-metadata assertions (they refuse bf16 autocast)."""
+    for node in list(graph.graph.nodes):
+        if node.op == 'call_function' and 'assert_tensor_metadata' in str(node.target):
+            graph.graph.erase_node(node)
+    graph.recompile()
+
+
+def calibration_batch(images: Sequence, config, count: int = INT8_CALIBRATION_IMAGES,
+                      ) -> torch.Tensor:
+    """Return up to `count` images, evenly spread over the list, as a network-input batch."""
+    if len(images) == 0:
+        raise InputError('no calibration images')
+    picks = np.unique(np.linspace(0, len(images) - 1, min(count, len(images))).astype(int))
+    return prepare_batch([images[i] for i in picks], config, torch.device('cpu'))
+
+
+def calibration_images(paths: Sequence[str], count: int = INT8_CALIBRATION_IMAGES) -> list:
+    """
+    Load up to `count` of the image files, evenly spread over the list (e.g. a map's images).
+
+    Files that are missing or unreadable are passed over; the list may come back empty.
+    """
+    from taco_cvgl.image_codec import load_image_file
+    paths = [str(p) for p in paths]
+    images = []
+    step = max(1, len(paths) // max(1, count))
+    for path in paths[::step]:
+        if len(images) >= count:
+            break
+        try:
+            images.append(load_image_file(path))
+        except InputError:
+            continue
+    return images
+
+
 class _Jit:
     """
     torch.jit.trace + freeze on the CPU: oneDNN packs the weights once.
@@ -461,13 +559,16 @@ class FastEmbedder:
 
     def __init__(self, model, backend: str = 'auto',
                  batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, check: bool = True,
-                 force_failure: bool = False, cache_dir=None, uint8_resize: bool = True):
+                 force_failure: bool = False, cache_dir=None, uint8_resize: bool = True,
+                 calibration: Optional[Sequence] = None):
         """
         Build the backend (with its fallbacks) for a model placed by `to_runtime`.
 
         force_failure makes every backend but eager fail as if it could not be built (to test
         the fallback on any machine). uint8_resize (CPU only) resizes camera frames on uint8
-        pixels (`prepare_batch_uint8`), within one grey level of `prepare_batch`.
+        pixels (`prepare_batch_uint8`), within one grey level of `prepare_batch`. calibration:
+        images (any form `prepare_batch` takes) for the int8 backend; up to
+        INT8_CALIBRATION_IMAGES of them, evenly spread, are used.
         """
         if backend not in BACKENDS:
             raise InputError(f'fast path backend must be one of {BACKENDS}, got {backend!r}')
@@ -482,6 +583,7 @@ class FastEmbedder:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.uint8_resize = bool(uint8_resize)
         self.network = NetworkUnderAutocast(model, self.device, self.precision).eval()
+        self._calibration = calibration
         self.fallback_reason: Optional[str] = None
         self._eager = _Eager(self.network)
         self._runner = self._build(backend, check, force_failure)
@@ -513,6 +615,12 @@ class FastEmbedder:
             if self.device.type != 'cpu':
                 raise FastPathError('the jit backend is for the CPU')
             return _Jit(self.model, self.precision, self.config)
+        if name == 'int8':
+            if self.device.type != 'cpu':
+                raise FastPathError('the int8 backend is for the CPU')
+            batch = None if not self._calibration else \
+                calibration_batch(self._calibration, self.config)
+            return _Int8Cpu(self.model, self.precision, self.config, batch)
         raise InputError(f'unknown fast path backend {name!r}')
 
     def _build(self, backend: str, check: bool, force_failure: bool):
@@ -539,8 +647,12 @@ class FastEmbedder:
 
     def _check(self, runner) -> float:
         """Compare a backend with the eager fp32 model on a fixed batch; return min cosine."""
-        generator = torch.Generator().manual_seed(12345)
-        x = torch.randn((2, 3) + tuple(self.config.input_size), generator=generator)
+        if getattr(runner, 'name', '') == 'int8' and self._calibration:
+            # Quantized ranges hold for images like the calibration's, not for random noise.
+            x = calibration_batch(self._calibration, self.config, count=8)
+        else:
+            generator = torch.Generator().manual_seed(12345)
+            x = torch.randn((2, 3) + tuple(self.config.input_size), generator=generator)
         x = x.to(self.device)
         with torch.inference_mode():
             reference = NetworkUnderAutocast(self.model, self.device, 'fp32')(x)
@@ -682,10 +794,10 @@ def prepare_batch_uint8(images: Sequence, config, color_order: str = 'rgb') -> t
 
 def optimize(model, backend: str = 'auto', batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
              check: bool = True, force_failure: bool = False, cache_dir=None,
-             uint8_resize: bool = True) -> FastEmbedder:
+             uint8_resize: bool = True, calibration: Optional[Sequence] = None) -> FastEmbedder:
     """Return a `FastEmbedder` for a model placed by `to_runtime` (see the module docstring)."""
     return FastEmbedder(model, backend, batch_sizes, check, force_failure, cache_dir,
-                        uint8_resize)
+                        uint8_resize, calibration)
 
 
 def weights_digest(model) -> str:

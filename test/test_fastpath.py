@@ -86,6 +86,34 @@ def test_bf16_path_is_frozen_bf16_weights_within_the_cosine_bar(frames):
     assert torch.equal(_top1(got, places), _top1(reference, places))
 
 
+def test_int8_backend_calibrated_on_map_images_keeps_the_embeddings(scene, frames):
+    """Static int8 (+ bf16 elsewhere), calibrated on map images, then run on other images."""
+    places, views = frames
+    torch.manual_seed(0)
+    bf16 = ImageRetrievalModel(CONFIG).to_runtime('cpu', 'bf16')
+    reference = ImageRetrievalModel(CONFIG)
+    reference.load_state_dict(bf16.state_dict())
+    reference.to_runtime('cpu', 'fp32')
+    # Calibration: map-like crops of the scene elsewhere than the test frames.
+    map_images = [np.ascontiguousarray(scene.rgb[r:r + 256, c:c + 256])
+                  for r in range(100, 1500, 350) for c in range(1500, 1900, 200)]
+    fast = fastpath.optimize(bf16, 'int8', calibration=map_images)
+    assert fast.backend == 'int8' and fast.fallback_reason is None
+    got = fast.encode_batch(places + views, batch_size=3)   # batch sizes it was not built with
+    expected = reference.encode_batch(places + views)
+    # The product's bar. Top-1 is not compared: an untrained network embeds different places
+    # nearly parallel, so rounding can flip which one is nearest.
+    assert float(F.cosine_similarity(got, expected).min()) >= fastpath.MIN_COSINE
+
+
+def test_int8_without_calibration_falls_back_and_says_why(model, caplog):
+    with caplog.at_level(logging.WARNING, logger='taco_cvgl.fastpath'):
+        fast = fastpath.optimize(model, 'int8')
+    assert fast.backend == 'jit' and 'calibration images' in fast.fallback_reason
+    assert 'calibration images' in caplog.text
+    assert len(fastpath.calibration_images(['/no/such/file.jpg'])) == 0
+
+
 def test_uint8_resize_stays_within_one_grey_level(frames):
     places, _ = frames
     exact = prepare_batch(places[:2], CONFIG, torch.device('cpu'))

@@ -76,9 +76,6 @@ def load_localizer(params: NodeParams):
                              track_accel_sigma_mps2=params.track_accel_sigma_mps2)
     try:
         model = ImageRetrievalModel.load(params.weights, params.device, params.precision)
-        if params.fast_path != 'off':
-            model.to_runtime(params.device, params.precision,
-                             fast=True if params.fast_path == 'auto' else params.fast_path)
     except MismatchError as exc:
         raise MismatchError(f'parameter weights: {exc}') from None
     except TacoError as exc:
@@ -91,6 +88,14 @@ def load_localizer(params: NodeParams):
                             f'{params.database}): {exc}') from None
     except TacoError as exc:
         raise InputError(f'parameter database: {exc}') from None
+    if params.fast_path != 'off':
+        calibration = None
+        if params.fast_path == 'int8':  # activation ranges measured on the map's own images
+            from taco_cvgl.fastpath import calibration_images
+            calibration = calibration_images(localizer.database.image_ids)
+        model.to_runtime(params.device, params.precision,
+                         fast=True if params.fast_path == 'auto' else params.fast_path,
+                         calibration=calibration)
     localizer.warm_up()
     return localizer
 

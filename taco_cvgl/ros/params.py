@@ -55,9 +55,10 @@ class NodeParams:
         '(CUDA only) or bf16.', choices=('auto', 'fp32', 'fp16', 'bf16'))
     fast_path: str = _field(
         'off', 'Inference fast path (taco_cvgl/fastpath.py): off, auto (CUDA graphs on a GPU, '
-        'ONNX Runtime or a frozen TorchScript on a CPU), or one backend; each is checked against '
-        'the eager model at start and falls back with a warning.',
-        choices=('off', 'auto', 'cuda_graph', 'compile', 'onnxruntime', 'jit', 'eager'))
+        'ONNX Runtime or a frozen TorchScript on a CPU), or one backend (int8: static int8 on '
+        "the CPU, calibrated on the map's images; needs torchao); each is checked against the "
+        'eager model at start and falls back with a warning.',
+        choices=('off', 'auto', 'cuda_graph', 'compile', 'onnxruntime', 'jit', 'int8', 'eager'))
     index: str = _field(
         'auto', 'Nearest-neighbour index over the database: auto (exact, or hnsw above 200k '
         'entries on CPU), exact, hnsw or ivfpq.', choices=('auto', 'exact', 'hnsw', 'ivfpq'))

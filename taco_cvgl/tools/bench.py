@@ -312,14 +312,16 @@ QUICK_CPU_VARIANTS = ('eager_fp32', 'eager_bf16_channels_last', 'jit_bf16', 'onn
 
 
 def _latency_variants(model, device: str, gpu: bool, with_compile: bool, cache_dir,
-                      quick: bool = False):
+                      quick: bool = False, calibration=None):
     """Yield (name, builder) pairs; builder() returns an encoder with encode_batch."""
-    for name, build in _all_latency_variants(model, device, gpu, with_compile, cache_dir):
+    for name, build in _all_latency_variants(model, device, gpu, with_compile, cache_dir,
+                                             calibration):
         if gpu or not quick or name in QUICK_CPU_VARIANTS:
             yield name, build
 
 
-def _all_latency_variants(model, device: str, gpu: bool, with_compile: bool, cache_dir):
+def _all_latency_variants(model, device: str, gpu: bool, with_compile: bool, cache_dir,
+                          calibration=None):
     from taco_cvgl.fastpath import FastEmbedder
     yield 'eager_fp32', lambda: PlainEager(model, device)
     if gpu:
@@ -343,6 +345,9 @@ def _all_latency_variants(model, device: str, gpu: bool, with_compile: bool, cac
                                                    'compile')
         yield 'compile_bf16', lambda: FastEmbedder(runtime_copy(model, device, 'bf16'),
                                                    'compile')
+        if calibration:  # static int8, calibrated on the database images (not the queries)
+            yield 'int8_bf16', lambda: FastEmbedder(runtime_copy(model, device, 'bf16'),
+                                                    'int8', calibration=calibration)
 
 
 def interleaved(calls: Dict[str, Callable[[], object]], n: int, warmup: int,
@@ -381,7 +386,7 @@ def latency_part(args, gpu: bool) -> dict:
         reference = None
         frame = images.queries[0]
         for name, build in _latency_variants(model, device.type, gpu, args.compile or gpu,
-                                             args.cache_dir, quick):
+                                             args.cache_dir, quick, images.database):
             try:
                 start = time.perf_counter()
                 encoder = build()
