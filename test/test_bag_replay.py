@@ -7,7 +7,6 @@ import random
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import zlib
 
@@ -17,6 +16,7 @@ import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from taco_cvgl import bags, image_codec
 from taco_cvgl.ros.bag_replay import BagPlayer, Recorder, replay
+from taco_cvgl.ros.spinning import BackgroundSpinner
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000_000_000_000
@@ -162,8 +162,7 @@ def test_recorder_records_replayed_topics(tmp_path, domain_env, camera_bag, ros_
                                remap['/gps/fix']: 'sensor_msgs/NavSatFix'}, out, storage='sqlite3')
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinner = BackgroundSpinner(executor).start()
     try:
         player_node = rclpy.create_node('player', context=ros_context)
         before = time.time_ns()
@@ -177,8 +176,8 @@ def test_recorder_records_replayed_topics(tmp_path, domain_env, camera_bag, ros_
         recorder.close()
         player_node.destroy_node()
     finally:
+        assert spinner.stop()   # the thread has ended before the executor shuts down
         executor.shutdown()
-        spinner.join(timeout=5)
         node.destroy_node()
     assert recorder.counts == {'/taco_replay_test/image': 20, '/taco_replay_test/fix': 10}
     images = list(bags.iter_images(out, '/taco_replay_test/image'))
@@ -223,3 +222,25 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, domain_env, camera_bag
     assert not out.exists() and not list(tmp_path.glob('.never*'))  # no empty or partial bag
     result = run_cli([camera_bag, '--record', tmp_path / 'x', '--record-topics', '/a'], env)
     assert result.returncode == 2 and 'not of the form' in result.stderr
+
+
+def test_background_spinner_stops_before_the_executor_shuts_down(ros_context):
+    node = rclpy.create_node('spun', context=ros_context)
+    ticks = []
+    node.create_timer(0.02, lambda: ticks.append(time.monotonic()))
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    try:
+        with BackgroundSpinner(executor) as spinner:
+            deadline = time.monotonic() + 5
+            while len(ticks) < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(ticks) >= 5             # callbacks run in the background
+        stopped_at = time.monotonic()
+        assert spinner.stop(timeout_s=0.0)    # already ended when the block closed
+        count = len(ticks)
+        time.sleep(0.2)
+        assert len(ticks) == count and all(t <= stopped_at for t in ticks)
+    finally:
+        executor.shutdown()
+        node.destroy_node()

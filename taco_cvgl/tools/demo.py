@@ -238,13 +238,11 @@ def run_live(options: DemoOptions, weights: Path, db: Path, flight_bag: Path) ->
         rclpy.init()
         ros_node = rclpy.create_node('taco_cvgl_demo')
         from rclpy.executors import SingleThreadedExecutor
+        from taco_cvgl.ros.spinning import BackgroundSpinner
         executor = SingleThreadedExecutor()
         executor.add_node(ros_node)
-        import threading
-        spinner = threading.Thread(target=executor.spin, daemon=True)
-        spinner.start()
         topics = {FIX_TOPIC: 'sensor_msgs/msg/NavSatFix', GT_TOPIC: 'sensor_msgs/msg/NavSatFix'}
-        with Recorder(ros_node, topics, recorded, storage='mcap'):
+        with BackgroundSpinner(executor), Recorder(ros_node, topics, recorded, storage='mcap'):
             player = BagPlayer(ros_node, flight_bag, qos='reliable')
             sent = player.play(rate=options.replay_rate, start_delay_s=2.0)
             time.sleep(3.0)  # the node's last answers are still on their way

@@ -96,6 +96,7 @@ def main(argv: Optional[list] = None) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
     from taco_cvgl.ros.bag_replay import BagPlayer, Recorder
+    from taco_cvgl.ros.spinning import BackgroundSpinner
 
     argv = list(sys.argv[1:] if argv is None else argv)
     own_argv, ros_argv = split_ros_args(argv)
@@ -125,8 +126,7 @@ def main(argv: Optional[list] = None) -> int:
         if args.record:
             recorder = Recorder(node, record_topics, args.record, storage=args.storage)
             executor.add_node(node)
-            spinner = threading.Thread(target=_spin, args=(executor, context), daemon=True)
-            spinner.start()
+            spinner = BackgroundSpinner(executor).start()
         try:
             player.play(rate=args.rate, loop=args.loop, start_delay_s=args.start_delay,
                         duration_s=args.duration)
@@ -146,9 +146,9 @@ def main(argv: Optional[list] = None) -> int:
     finally:
         if recorder is not None:
             recorder.close()  # keeps what was recorded when replay failed; no-op when closed
-        executor.shutdown(timeout_sec=1.0)
         if spinner is not None:
-            spinner.join(timeout=2.0)
+            spinner.stop()
+        executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         rclpy.try_shutdown(context=context)
         if previous_sigterm is not None:
@@ -158,15 +158,6 @@ def main(argv: Optional[list] = None) -> int:
 def _raise_keyboard_interrupt(signum, frame) -> None:
     """Turn a signal into KeyboardInterrupt in the main thread."""
     raise KeyboardInterrupt
-
-
-def _spin(executor, context) -> None:
-    """Spin until the context shuts down or the executor is shut down."""
-    try:
-        while context.ok():
-            executor.spin_once(timeout_sec=0.1)
-    except Exception:  # noqa: BLE001 - the executor was shut down underneath us: stop
-        return
 
 
 if __name__ == '__main__':
