@@ -219,13 +219,16 @@ class CVGLLocalizer:
             candidates, cand_sims = indices[i][:top], sims[i][:top]
             prediction = self._predict(timestamps[i])
             if self.reranker is not None:
-                count = rerank.candidates if prediction is not None else \
-                    max(rerank.candidates, rerank.acquisition_candidates)
+                acquiring = prediction is None
+                count = max(rerank.candidates, rerank.acquisition_candidates) if acquiring \
+                    else rerank.candidates
+                bar = max(rerank.min_inliers, rerank.acquisition_min_inliers) if acquiring \
+                    else rerank.min_inliers
                 checked = [int(j) for j in indices[i][:count]]
                 prior, prior_sims = self._prior(queries[i], checked, prediction)
                 features = self.reranker.query_features(to_rgb_array(images[i], color_order))
                 checked += prior.tolist()
-                verification = self.reranker.verify(features, checked)
+                verification = self.reranker.verify(features, checked, bar)
                 # The estimate also sees every place that was checked beyond the top_k.
                 similarity = dict(zip(indices[i].tolist(), sims[i].tolist()))
                 similarity.update(zip(prior.tolist(), prior_sims.tolist()))

@@ -39,6 +39,9 @@ class RerankConfig:
     # Candidates checked while there is no recent verified fix to search around (first lock,
     # or lock lost): more work per frame until the localizer knows roughly where it is.
     acquisition_candidates: int = 0
+    # Inliers a candidate needs while acquiring (0: min_inliers). Checking many candidates
+    # without a prior gives wrong places more chances: a stricter bar keeps the first lock right.
+    acquisition_min_inliers: int = 0
     max_features: int = 1500
     ratio: float = 0.8
     ransac_threshold_px: float = 4.0
@@ -109,17 +112,20 @@ class Reranker:
         """Return the features of a query image."""
         return Features(rgb, self.detector)
 
-    def verify(self, query: Features, candidates: Sequence[int]) -> Optional[Verification]:
+    def verify(self, query: Features, candidates: Sequence[int],
+               min_inliers: Optional[int] = None) -> Optional[Verification]:
         """
         Return the best verified candidate among `candidates` (database indices), or None.
 
         Every candidate given is checked: the caller chooses how many (RerankConfig.candidates).
+        min_inliers overrides the configured bar (e.g. the acquisition bar).
         """
+        bar = self.config.min_inliers if min_inliers is None else int(min_inliers)
         best, counts = None, []
         for rank, index in enumerate(candidates):
             result = self._match(query, self.database_features(int(index)))
             counts.append(0 if result is None else result[1])
-            if result is not None and result[1] >= self.config.min_inliers and \
+            if result is not None and result[1] >= bar and \
                     (best is None or result[1] > best[1][1]):
                 best = (rank, result)
         if best is None:

@@ -108,6 +108,23 @@ def test_the_track_ranks_the_predicted_place_first_when_nothing_verifies(scene, 
     assert not fresh.tracked and [x.index for x in fresh.matches] == fresh.retrieval
 
 
+def test_acquisition_needs_more_inliers_until_the_first_lock(scene, tile_map):
+    tiles = tile_map[2]
+    view = view_of(scene, tiles[4].col, tiles[4].row, 120.0, seed=3)
+    every = {'top_k': len(tiles), 'prior_radius_m': 2000.0, 'prior_candidates': len(tiles)}
+    loose = localizer_for(tile_map, rerank=RerankConfig(candidates=len(tiles)), **every)
+    inliers = loose.localize(view.image, timestamp=0.0).inliers
+    assert inliers >= 15
+    strict = localizer_for(tile_map, rerank=RerankConfig(
+        candidates=len(tiles), acquisition_min_inliers=inliers + 1), **every)
+    first = strict.localize(view.image, timestamp=0.0)
+    assert first.verified is False and not first.fix     # no lock yet: the stricter bar
+    # The map's own image of that place matches itself with far more inliers: a sure lock.
+    assert strict.localize(tiles[4].image, timestamp=10.0).fix
+    tracked = strict.localize(view.image, timestamp=15.0)
+    assert tracked.tracked and tracked.fix and tracked.inliers == inliers  # the usual bar
+
+
 def test_offset_to_enu_follows_the_image_heading():
     # 10 px to the right and 20 px up in a north-up image: 10 m east, 20 m north at 1 m/px.
     assert np.allclose(offset_to_enu(np.array([10.0, -20.0]), 1.0, 0.0), [10, 20])

@@ -67,6 +67,7 @@ def load_localizer(params: NodeParams):
         from taco_cvgl.rerank import RerankConfig
         rerank = RerankConfig(candidates=params.rerank_candidates,
                               acquisition_candidates=params.rerank_acquisition_candidates,
+                              acquisition_min_inliers=params.rerank_acquisition_min_inliers,
                               min_inliers=params.rerank_min_inliers)
     config = LocalizerConfig(top_k=params.top_k, index=params.index, estimator=estimator,
                              rerank=rerank, prior_radius_m=params.prior_radius_m,

@@ -96,6 +96,10 @@ class NodeParams:
     rerank_acquisition_candidates: int = _field(
         0, 'Candidates checked while there is no recent verified fix (first lock or lock lost); '
         '0 means rerank_candidates.', low=0, high=500)
+    rerank_acquisition_min_inliers: int = _field(
+        0, 'RANSAC inliers a candidate needs while there is no recent verified fix (first lock or '
+        'lock lost); 0 means rerank_min_inliers. Stricter keeps a wide first search honest.',
+        low=0, high=1000)
     rerank_min_inliers: int = _field(
         15, 'RANSAC inliers a candidate needs to count as verified.', low=4, high=1000)
     prior_radius_m: float = _field(

@@ -165,12 +165,16 @@ def demo_localizer_config():
     Return the localizer settings the demo uses (retrieval, verification, motion prior).
 
     The motion model is the simulated aircraft's: about 50 m/s, gentle turns, and a camera at
-    0.2 Hz that may see nothing verifiable (dense forest, haze) for a minute or more.
+    0.2 Hz that may see nothing verifiable (dense forest, haze) for a minute or more. Until the
+    first lock every map tile of the evaluation area is checked (the embedding, trained for
+    minutes on a CPU, cannot be trusted to rank the right one near the top), with a stricter
+    inlier bar so that the wider search does not lock onto a wrong place.
     """
     from taco_cvgl.localizer import LocalizerConfig
     from taco_cvgl.rerank import RerankConfig
     return LocalizerConfig(top_k=10, rerank=RerankConfig(candidates=10,
-                                                         acquisition_candidates=40),
+                                                         acquisition_candidates=400,
+                                                         acquisition_min_inliers=20),
                            prior_radius_m=2 * STRIDE_PX * PIXEL_M, prior_candidates=9,
                            prior_max_age_s=120.0, track_speed_sigma_mps=50.0,
                            track_accel_sigma_mps2=1.0)
@@ -224,6 +228,8 @@ def run_live(options: DemoOptions, weights: Path, db: Path, flight_bag: Path) ->
                 '-p', f'top_k:={config.top_k}', '-p', 'rerank:=true',
                 '-p', f'rerank_candidates:={config.rerank.candidates}',
                 '-p', f'rerank_acquisition_candidates:={config.rerank.acquisition_candidates}',
+                '-p', ('rerank_acquisition_min_inliers:='
+                       f'{config.rerank.acquisition_min_inliers}'),
                 '-p', f'prior_radius_m:={config.prior_radius_m}',
                 '-p', f'prior_max_age_s:={config.prior_max_age_s}',
                 '-p', f'prior_candidates:={config.prior_candidates}',
