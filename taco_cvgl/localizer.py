@@ -179,11 +179,24 @@ class CVGLLocalizer:
         return Reranker(lambda i: load_image_file(db.image_ids[i]), self.config.rerank)
 
     def warm_up(self, sizes=((480, 640),)) -> None:
-        """Run the model once per input size so the first real frame is not slow."""
+        """
+        Run the model once per input size so the first real frame is not slow.
+
+        With re-ranking, a map small enough to be checked whole before the first lock (no more
+        entries than the acquisition candidates, and within the feature cache) has its local
+        features extracted now: otherwise the first frames wait for them, and a live node
+        drops the frames that arrive meanwhile.
+        """
         for h, w in sizes:
             self.model.encode_batch([np.zeros((h, w, 3), np.uint8)])
         if self.index is not None:
             self.index.search(np.zeros((1, self.model.config.embedding_dim), np.float32), 1)
+        rerank = self.config.rerank
+        if self.reranker is not None and self.database is not None:
+            checked = max(rerank.candidates, rerank.acquisition_candidates)
+            if len(self.database) <= min(checked, rerank.cache_size):
+                for index in range(len(self.database)):
+                    self.reranker.database_features(index)
 
     def localize(self, image, timestamp: Optional[float] = None, color_order: str = 'rgb',
                  camera_yaw_deg: float = 0.0) -> Measurement:

@@ -125,6 +125,16 @@ def test_acquisition_needs_more_inliers_until_the_first_lock(scene, tile_map):
     assert tracked.tracked and tracked.fix and tracked.inliers == inliers  # the usual bar
 
 
+def test_warm_up_prepares_a_map_that_is_checked_whole(tile_map):
+    tiles = tile_map[2]
+    whole = localizer_for(tile_map, rerank=RerankConfig(acquisition_candidates=len(tiles)))
+    part = localizer_for(tile_map, rerank=RerankConfig(acquisition_candidates=len(tiles) - 1))
+    for loc in (whole, part):
+        loc.warm_up(sizes=())
+    assert len(whole.reranker._cache) == len(tiles)   # the first frame will not wait for them
+    assert len(part.reranker._cache) == 0             # which ones a frame needs is not known
+
+
 def test_offset_to_enu_follows_the_image_heading():
     # 10 px to the right and 20 px up in a north-up image: 10 m east, 20 m north at 1 m/px.
     assert np.allclose(offset_to_enu(np.array([10.0, -20.0]), 1.0, 0.0), [10, 20])
