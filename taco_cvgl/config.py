@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from taco_cvgl.errors import InputError
@@ -21,6 +23,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ('convnext_tiny',)
 POOLINGS = ('avg', 'gem')
 NORMALIZATIONS = ('imagenet', 'per_image')
+
+
+def cache_dir_default() -> Path:
+    """Return the package's cache folder: $TACO_CVGL_CACHE, else ~/.cache/taco_cvgl."""
+    env = os.environ.get('TACO_CVGL_CACHE')
+    return Path(env) if env else Path.home() / '.cache' / 'taco_cvgl'
 
 
 @dataclasses.dataclass(frozen=True)

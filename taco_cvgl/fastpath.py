@@ -19,8 +19,10 @@ backend:
 - ``jit`` (CPU): ``torch.jit.trace`` + ``freeze`` in channels_last (oneDNN weight packing).
 - ``int8`` (CPU): static int8 quantization (PT2E, torchao's X86InductorQuantizer: int8
   convolutions and matrix products, activation ranges measured on calibration images such as the
-  map's own), compiled by inductor, the remaining operations in bf16 autocast when the precision
-  is bf16. Needs torchao, a C++ compiler and calibration images; never chosen by 'auto'.
+  map's own), compiled ahead of time by AOTInductor into a package kept in the cache folder (the
+  next start on the same weights and map loads it), the remaining operations in bf16 autocast
+  when the precision is bf16. Needs torchao, a C++ compiler and calibration images; never chosen
+  by 'auto'.
 - ``eager``: the model as `to_runtime` left it (the reference).
 
 Every backend is checked when it is built: its embeddings of a fixed random batch must have a
@@ -46,6 +48,8 @@ import threading
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from taco_cvgl.atomic import atomic_path
+from taco_cvgl.config import cache_dir_default
 from taco_cvgl.errors import InputError, TacoError
 from taco_cvgl.preprocess import image_to_tensor, normalize, prepare_batch, resize, to_rgb_array
 import torch
@@ -359,20 +363,28 @@ class _CompiledCpu:
 
 class _Int8Cpu:
     """
-    Static int8 on the CPU: PT2E quantization (torchao) compiled by inductor with frozen weights.
+    Static int8 on the CPU: PT2E quantization (torchao), compiled ahead of time by inductor.
 
     The network is exported with a dynamic batch dimension, quantized with the X86 inductor
     quantizer (int8 convolutions and linear layers, per-channel weights, activation ranges
-    observed on the calibration batch) and compiled; oneDNN runs the int8 products on VNNI/AMX.
-    In bf16 precision the operations left in floating point run under bf16 autocast (the
-    export's dtype assertions are dropped for that). Accuracy is the calibration's: give it
-    images like the ones it will see (the map's), and the build check still demands the fast
-    path's cosine to eager fp32.
+    observed on the calibration batch) and compiled by AOTInductor with frozen weights into a
+    package (a shared library plus the packed weights). Calls then run in C++ with no Python
+    per operation and no guard checks; oneDNN runs the int8 products on VNNI/AMX. In bf16
+    precision the operations left in floating point run under bf16 autocast.
+
+    The package is kept in the cache folder (``int8/``), keyed by the weights, the calibration
+    batch, the precision, the torch and torchao versions, the CPU and the thread count (inductor
+    writes its C++ kernels for one thread count and instruction set): a node that restarts on
+    the same map loads it in well under a second instead of compiling again. A cached package
+    that cannot be loaded is compiled again over; an unwritable cache folder means compiling
+    into a temporary one. Accuracy is the calibration's: give it images like the ones it will
+    see (the map's), and the build check still demands the fast path's cosine to eager fp32.
     """
 
     name = 'int8'
 
-    def __init__(self, model, precision: str, config, calibration: Optional[torch.Tensor]):
+    def __init__(self, model, precision: str, config, calibration: Optional[torch.Tensor],
+                 cache_dir: Optional[Path] = None):
         try:
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
             from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
@@ -386,29 +398,116 @@ class _Int8Cpu:
                                 "map's images, which must be at the paths the database lists)")
         if precision not in ('fp32', 'bf16'):
             raise FastPathError(f'the int8 backend runs with fp32 or bf16, not {precision}')
-        self.bf16 = precision == 'bf16'
+        self._quantize = (x86, prepare_pt2e, convert_pt2e)
+        calibration = calibration.float().cpu().contiguous()
+        self.path = int8_package_path(model, precision, calibration, cache_dir)
+        self.from_cache = False
+        self.fn = self._load_cached()
+        if self.fn is None:
+            log.info('int8: quantizing and compiling the network (a minute or so, once per '
+                     'weights and map)')
+            self.fn = self._compile(model, precision, calibration)
+
+    def _load_cached(self):
+        if not self.path.is_file():
+            return None
+        try:
+            fn = torch._inductor.aoti_load_package(str(self.path))
+        except Exception as exc:  # noqa: B902 - a damaged or foreign package: compile again
+            log.warning('int8 package %s cannot be loaded (%s); compiling it again',
+                        self.path, _first_line(exc))
+            return None
+        self.from_cache = True
+        return fn
+
+    def _compile(self, model, precision: str, calibration: torch.Tensor):
+        import tempfile
+        from torch._inductor import config as inductor_config
+        x86, prepare_pt2e, convert_pt2e = self._quantize
         network = weights_copy(model, torch.float32, torch.contiguous_format)
-        calibration = calibration.float().cpu()
         example = calibration[:2] if len(calibration) > 1 else calibration.repeat(2, 1, 1, 1)
-        batch = torch.export.Dim('batch', min=1, max=1024)
-        with torch.no_grad():
-            graph = torch.export.export(network, (example,),
-                                        dynamic_shapes=({0: batch},)).module()
+        dynamic = ({0: torch.export.Dim('batch', min=1, max=1024)},)
+        with torch.no_grad(), warnings_quiet():
+            graph = torch.export.export(network, (example,), dynamic_shapes=dynamic).module()
             _drop_dtype_assertions(graph)
             quantizer = x86.X86InductorQuantizer()
             quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
             prepared = prepare_pt2e(graph, quantizer)
             for start in range(0, len(calibration), 8):
                 prepared(calibration[start:start + 8])
-            self.fn = _compile(convert_pt2e(prepared))
-        self(torch.zeros((1, 3) + tuple(config.input_size)))  # compile now, not on frame 1
+            quantized = convert_pt2e(prepared)
+            if precision == 'bf16':
+                quantized = _UnderBf16Autocast(quantized)
+            program = torch.export.export(quantized, (example,), dynamic_shapes=dynamic)
+            _drop_dtype_assertions(program.graph_module)
+            with tempfile.TemporaryDirectory(prefix='taco_cvgl_int8_') as scratch:
+                package = Path(scratch) / 'int8.pt2'
+                with inductor_config.patch(freezing=True):
+                    torch._inductor.aoti_compile_and_package(program,
+                                                             package_path=str(package))
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(self.path) as tmp:
+                        shutil.copyfile(package, tmp)
+                    return torch._inductor.aoti_load_package(str(self.path))
+                except OSError as exc:
+                    log.warning('int8 package not cached (%s: %s)', self.path.parent, exc)
+                    return torch._inductor.aoti_load_package(str(package))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from torch._inductor import config as inductor_config
-        autocast = torch.autocast('cpu', dtype=torch.bfloat16) if self.bf16 else \
-            contextlib.nullcontext()
-        with torch.no_grad(), inductor_config.patch(freezing=True), autocast:
-            return self.fn(x.float()).float()
+        with torch.no_grad():
+            return self.fn(x.float().contiguous()).float()
+
+
+class _UnderBf16Autocast(nn.Module):
+    """Run a module under CPU bf16 autocast (exported as part of the graph), fp32 out."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            return self.module(x).float()
+
+
+def int8_package_path(model, precision: str, calibration: torch.Tensor,
+                      cache_dir: Optional[Path] = None) -> Path:
+    """
+    Return where the int8 backend keeps its compiled package for this model and calibration.
+
+    The name is a digest of everything the package depends on: weights and config, precision,
+    the calibration batch, torch's and torchao's versions, the thread count and the CPU.
+    """
+    try:
+        import torchao
+        torchao_version = torchao.__version__
+    except ImportError:
+        torchao_version = 'none'
+    key = hashlib.blake2b(digest_size=12)
+    for part in (weights_digest(model), model.config.to_json(), precision, torch.__version__,
+                 torchao_version, str(torch.get_num_threads()), _cpu_signature()):
+        key.update(part.encode() + b'\0')
+    key.update(calibration.detach().float().cpu().contiguous().numpy().tobytes())
+    root = Path(cache_dir) if cache_dir else cache_dir_default()
+    return root / 'int8' / f'{key.hexdigest()}.pt2'
+
+
+def _cpuinfo_lines() -> List[str]:
+    """Return /proc/cpuinfo's lines (none where there is no such file)."""
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as handle:
+            return handle.read().splitlines()
+    except OSError:
+        return []
+
+
+def _cpu_signature() -> str:
+    """Return what identifies this CPU's instruction set (model name and flags)."""
+    import platform
+    wanted = [line for line in _cpuinfo_lines()
+              if line.startswith(('model name', 'flags', 'Features'))]
+    return '\n'.join(dict.fromkeys(wanted)) or f'{platform.machine()} {platform.processor()}'
 
 
 def _drop_dtype_assertions(graph) -> None:
@@ -424,8 +523,13 @@ def calibration_batch(images: Sequence, config, count: int = INT8_CALIBRATION_IM
     """Return up to `count` images, evenly spread over the list, as a network-input batch."""
     if len(images) == 0:
         raise InputError('no calibration images')
-    picks = np.unique(np.linspace(0, len(images) - 1, min(count, len(images))).astype(int))
-    return prepare_batch([images[i] for i in picks], config, torch.device('cpu'))
+    return prepare_batch([images[i] for i in spread(len(images), count)], config,
+                         torch.device('cpu'))
+
+
+def spread(n: int, count: int) -> np.ndarray:
+    """Return up to `count` indices into n items, evenly spread from the first to the last."""
+    return np.unique(np.linspace(0, n - 1, min(count, n)).astype(int))
 
 
 def calibration_images(paths: Sequence[str], count: int = INT8_CALIBRATION_IMAGES) -> list:
@@ -515,12 +619,7 @@ def cpu_has_bf16() -> bool:
     There bf16 weights run about 2-3x faster than fp32 (bench: cpu_latency) with embeddings
     within the fast path's cosine bar; elsewhere bf16 is emulated and slower than fp32.
     """
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as handle:
-            text = handle.read()
-    except OSError:
-        return False
-    for line in text.splitlines():
+    for line in _cpuinfo_lines():
         if line.startswith(('flags', 'Features')):
             flags = set(line.split(':', 1)[1].split())
             return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
@@ -584,6 +683,7 @@ class FastEmbedder:
         self.uint8_resize = bool(uint8_resize)
         self.network = NetworkUnderAutocast(model, self.device, self.precision).eval()
         self._calibration = calibration
+        self._calibration_batch: Optional[torch.Tensor] = None
         self.fallback_reason: Optional[str] = None
         self._eager = _Eager(self.network)
         self._runner = self._build(backend, check, force_failure)
@@ -618,9 +718,10 @@ class FastEmbedder:
         if name == 'int8':
             if self.device.type != 'cpu':
                 raise FastPathError('the int8 backend is for the CPU')
-            batch = None if not self._calibration else \
-                calibration_batch(self._calibration, self.config)
-            return _Int8Cpu(self.model, self.precision, self.config, batch)
+            if self._calibration and self._calibration_batch is None:
+                self._calibration_batch = calibration_batch(self._calibration, self.config)
+            return _Int8Cpu(self.model, self.precision, self.config, self._calibration_batch,
+                            self.cache_dir)
         raise InputError(f'unknown fast path backend {name!r}')
 
     def _build(self, backend: str, check: bool, force_failure: bool):
@@ -647,9 +748,10 @@ class FastEmbedder:
 
     def _check(self, runner) -> float:
         """Compare a backend with the eager fp32 model on a fixed batch; return min cosine."""
-        if getattr(runner, 'name', '') == 'int8' and self._calibration:
+        if getattr(runner, 'name', '') == 'int8' and self._calibration_batch is not None:
             # Quantized ranges hold for images like the calibration's, not for random noise.
-            x = calibration_batch(self._calibration, self.config, count=8)
+            batch = self._calibration_batch
+            x = batch[spread(len(batch), 8)]
         else:
             generator = torch.Generator().manual_seed(12345)
             x = torch.randn((2, 3) + tuple(self.config.input_size), generator=generator)

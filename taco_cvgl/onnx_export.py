@@ -22,6 +22,7 @@ import sys
 from typing import Optional, Sequence
 import warnings
 
+from taco_cvgl.config import cache_dir_default
 from taco_cvgl.errors import InputError, MismatchError, TacoError
 import torch
 import torch.nn.functional as F
@@ -229,8 +230,7 @@ def cache_path(model, cache_dir=None) -> Path:
     """Return where `cached_export` keeps the export of this model (per weights and torch)."""
     from taco_cvgl.fastpath import weights_digest
     if cache_dir is None:
-        env = os.environ.get('TACO_CVGL_CACHE')
-        cache_dir = Path(env) if env else Path.home() / '.cache' / 'taco_cvgl'
+        cache_dir = cache_dir_default()
     h, w = model.config.input_size
     name = f'{weights_digest(model)}-{h}x{w}-torch{torch.__version__.split("+")[0]}.onnx'
     return Path(cache_dir) / 'onnx' / name

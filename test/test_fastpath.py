@@ -86,7 +86,7 @@ def test_bf16_path_is_frozen_bf16_weights_within_the_cosine_bar(frames):
     assert torch.equal(_top1(got, places), _top1(reference, places))
 
 
-def test_int8_backend_calibrated_on_map_images_keeps_the_embeddings(scene, frames):
+def test_int8_backend_calibrated_on_map_images_keeps_the_embeddings(scene, frames, tmp_path):
     """Static int8 (+ bf16 elsewhere), calibrated on map images, then run on other images."""
     places, views = frames
     torch.manual_seed(0)
@@ -97,13 +97,39 @@ def test_int8_backend_calibrated_on_map_images_keeps_the_embeddings(scene, frame
     # Calibration: map-like crops of the scene elsewhere than the test frames.
     map_images = [np.ascontiguousarray(scene.rgb[r:r + 256, c:c + 256])
                   for r in range(100, 1500, 350) for c in range(1500, 1900, 200)]
-    fast = fastpath.optimize(bf16, 'int8', calibration=map_images)
+    fast = fastpath.optimize(bf16, 'int8', calibration=map_images, cache_dir=tmp_path)
     assert fast.backend == 'int8' and fast.fallback_reason is None
+    assert not fast._runner.from_cache
     got = fast.encode_batch(places + views, batch_size=3)   # batch sizes it was not built with
     expected = reference.encode_batch(places + views)
     # The product's bar. Top-1 is not compared: an untrained network embeds different places
     # nearly parallel, so rounding can flip which one is nearest.
     assert float(F.cosine_similarity(got, expected).min()) >= fastpath.MIN_COSINE
+
+    # The compiled package is kept: the same weights and map load it instead of compiling.
+    package = fast._runner.path
+    assert package.parent == tmp_path / 'int8' and package.is_file()
+    again = fastpath.optimize(bf16, 'int8', calibration=map_images, cache_dir=tmp_path)
+    assert again.backend == 'int8' and again._runner.from_cache
+    assert torch.equal(again.encode_batch(places + views, batch_size=3), got)
+    # Anything the package depends on names another package: calibration, precision, threads.
+    batch = fastpath.calibration_batch(map_images, CONFIG)
+    assert fastpath.int8_package_path(bf16, 'bf16', batch, tmp_path) == package
+    assert fastpath.int8_package_path(bf16, 'bf16', batch[:-1], tmp_path) != package
+    assert fastpath.int8_package_path(bf16, 'fp32', batch, tmp_path) != package
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert fastpath.int8_package_path(bf16, 'bf16', batch, tmp_path) != package
+    finally:
+        torch.set_num_threads(threads)
+
+    # A damaged package is compiled again over, not an error.
+    package.write_bytes(b'not a package')
+    rebuilt = fastpath.optimize(bf16, 'int8', calibration=map_images, cache_dir=tmp_path)
+    assert rebuilt.backend == 'int8' and not rebuilt._runner.from_cache
+    assert float(F.cosine_similarity(rebuilt.encode_batch(places + views),
+                                     expected).min()) >= fastpath.MIN_COSINE
 
 
 def test_int8_without_calibration_falls_back_and_says_why(model, caplog):

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from pyproj import Transformer
 from taco_cvgl.atomic import atomic_path
+from taco_cvgl.config import cache_dir_default
 from taco_cvgl.errors import InputError
 import tifffile
 
@@ -49,12 +50,6 @@ STRETCH_PERCENTILES = (1.0, 99.0)
 
 # A region of the scene: None (all of it), a Box, (x0, x1) fractions of the width, or a polygon.
 Region = Union[None, 'Box', Tuple[float, float], Sequence[Tuple[float, float]]]
-
-
-def cache_dir_default() -> Path:
-    """Return the cache folder: $TACO_CVGL_CACHE, else ~/.cache/taco_cvgl."""
-    env = os.environ.get('TACO_CVGL_CACHE')
-    return Path(env) if env else Path.home() / '.cache' / 'taco_cvgl'
 
 
 def _sha256(path: Path) -> str:

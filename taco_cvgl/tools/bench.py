@@ -169,7 +169,8 @@ def sync_device(device) -> None:
 def scene_rgb() -> Optional[np.ndarray]:
     """Return the demo scene's RGB pixels when cached locally (never downloads), else None."""
     try:
-        from taco_cvgl.demo.scene import cache_dir_default, load_scene, SCENE_FILE
+        from taco_cvgl.config import cache_dir_default
+        from taco_cvgl.demo.scene import load_scene, SCENE_FILE
         path = cache_dir_default() / SCENE_FILE
         if not path.is_file():
             return None
