@@ -36,10 +36,14 @@ class TrackConfig:
     accel_sigma_mps2: float = 1.0     # white acceleration noise (manoeuvres, turns)
     speed_sigma_mps: float = 10.0     # speed uncertainty when a track starts
     max_age_s: float = 30.0           # stop predicting this long after the last verified fix
+    # A frame this much older than the last fix is taken as simultaneous with it: cameras of
+    # one robot deliver slightly out of order. Further back, time ran backwards (a bag
+    # started again) and the track stops predicting.
+    reorder_tolerance_s: float = 0.5
 
     def __post_init__(self):
         """Refuse values that make no sense, naming the setting."""
-        for name in ('accel_sigma_mps2', 'speed_sigma_mps', 'max_age_s'):
+        for name in ('accel_sigma_mps2', 'speed_sigma_mps', 'max_age_s', 'reorder_tolerance_s'):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InputError(f'track: {name} must be a finite number >= 0, got {value}')
@@ -78,15 +82,25 @@ class ConstantVelocityTrack:
         Return (position (2,), covariance (2, 2)) expected at `stamp`, or None.
 
         None when there is no track, no time, the track is older than max_age_s, or the time
-        runs backwards (a bag started again): nothing is known about where to look then.
+        runs backwards by more than reorder_tolerance_s (a bag started again): nothing is known
+        about where to look then.
         """
-        if self.state is None or stamp is None or self.stamp is None:
-            return None
-        dt = float(stamp) - self.stamp
-        if not 0.0 <= dt <= self.config.max_age_s:
+        dt = self._elapsed(stamp)
+        if dt is None:
             return None
         state, covariance = self._propagate(dt)
         return state[:2].copy(), covariance[:2, :2].copy()
+
+    def _elapsed(self, stamp: Optional[float]) -> Optional[float]:
+        """Return the seconds from the last fix to `stamp` (0 for a slightly older frame)."""
+        if self.state is None or stamp is None or self.stamp is None:
+            return None
+        dt = float(stamp) - self.stamp
+        if -self.config.reorder_tolerance_s <= dt < 0.0:
+            dt = 0.0
+        if not 0.0 <= dt <= self.config.max_age_s:
+            return None
+        return dt
 
     def update(self, stamp: Optional[float], position: np.ndarray,
                covariance: np.ndarray) -> bool:
@@ -99,14 +113,14 @@ class ConstantVelocityTrack:
         """
         z = np.asarray(position, dtype=float).reshape(2)
         r = np.asarray(covariance, dtype=float).reshape(2, 2)
-        if self.predict(stamp) is None:
+        dt = self._elapsed(stamp)
+        if dt is None:
             self._start(stamp, z, r)
             return True
-        state, cov = self._propagate(float(stamp) - self.stamp)
+        state, cov = self._propagate(dt)
         innovation = z - state[:2]
         s = cov[:2, :2] + r
         if float(innovation @ np.linalg.solve(s, innovation)) > RESTART_MAHALANOBIS_SQ:
-            dt = float(stamp) - self.stamp
             if self.updates == 1 and dt > 0:
                 # Faster than speed_sigma_mps allowed for: the second fix measures the velocity
                 # (two-point start). Were it a wrong fix, the third one restarts the track.
@@ -119,7 +133,7 @@ class ConstantVelocityTrack:
         self.state = state + gain @ innovation
         joseph_h = np.eye(4) - np.hstack([gain, np.zeros((4, 2))])
         self.covariance = joseph_h @ cov @ joseph_h.T + gain @ r @ gain.T
-        self.stamp = float(stamp)
+        self.stamp += dt   # a slightly older frame does not move the track's time back
         self.updates += 1
         return False
 

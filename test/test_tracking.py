@@ -59,6 +59,20 @@ def test_old_or_backwards_time_gives_no_prediction():
     assert np.allclose(track.predict(100.0)[0], [5.0, 5.0])
 
 
+def test_a_frame_slightly_older_than_the_last_fix_keeps_the_track():
+    # Several cameras: the frame of one is 0.1 s older than the fix just made from another's.
+    track = straight_track()
+    last, velocity = track.state[:2].copy(), track.state[2:].copy()
+    mean, cov = track.predict(25.0 - 0.1)
+    assert np.allclose(mean, last) and np.allclose(cov, track.covariance[:2, :2])
+    assert not track.update(25.0 - 0.1, last + np.array([-3.0, -4.0]), FIX_COV)
+    assert track.restarts == 0 and track.stamp == 25.0     # the track's time never goes back
+    assert np.allclose(track.state[2:], velocity, atol=0.5)
+    # Beyond the tolerance, time ran backwards: no prediction, and a fix restarts the track.
+    assert track.predict(25.0 - 0.6) is None
+    assert track.update(25.0 - 0.6, last, FIX_COV) and np.allclose(track.state[2:], 0.0)
+
+
 def test_a_fast_platform_gets_its_velocity_from_the_second_fix():
     # 50 m/s with speed_sigma_mps 10: the second fix is 5 sigma off a standing start.
     track = straight_track(TrackConfig(accel_sigma_mps2=0.1, speed_sigma_mps=10.0))
@@ -79,7 +93,8 @@ def test_an_implausible_fix_restarts_the_track():
     assert not track.update(30.0, np.array([30.0 * 30 + 20, 40.0 * 30 - 15]), FIX_COV)
 
 
-@pytest.mark.parametrize('name', ['accel_sigma_mps2', 'speed_sigma_mps', 'max_age_s'])
+@pytest.mark.parametrize('name', ['accel_sigma_mps2', 'speed_sigma_mps', 'max_age_s',
+                                  'reorder_tolerance_s'])
 def test_bad_settings_are_named(name):
     with pytest.raises(InputError, match=name):
         TrackConfig(**{name: -1.0})
