@@ -222,28 +222,38 @@ class CVGLLocalizer:
                                           color_order=color_order,
                                           keep_on_device=self.model.device.type == 'cuda')
         rerank = self.config.rerank
-        searched = self.config.top_k if rerank is None else \
-            max(self.config.top_k, rerank.candidates, rerank.acquisition_candidates)
+        tracked = self.config.top_k if rerank is None else \
+            max(self.config.top_k, rerank.candidates)
+        acquiring_k = tracked if rerank is None else max(tracked, rerank.acquisition_candidates)
+        # Only a frame without a motion prediction checks the acquisition candidates: while
+        # the track holds, the batch searches no deeper than it verifies (on a large
+        # approximate index, hundreds of neighbours per frame cost more than the frame).
+        searched = acquiring_k if any(self._predict(t) is None for t in timestamps) \
+            else tracked
         indices, sims = self.index.search(queries, searched)
         out = []
         for i in range(n):
             verification = None
             top = self.config.top_k
-            candidates, cand_sims = indices[i][:top], sims[i][:top]
+            found, found_sims = indices[i], sims[i]
             prediction = self._predict(timestamps[i])
+            if self.reranker is not None and prediction is None and searched < acquiring_k:
+                # The track was lost within this batch: search this frame again, deeper.
+                deeper, deeper_sims = self.index.search(queries[i:i + 1], acquiring_k)
+                found, found_sims = deeper[0], deeper_sims[0]
+            candidates, cand_sims = found[:top], found_sims[:top]
             if self.reranker is not None:
                 acquiring = prediction is None
-                count = max(rerank.candidates, rerank.acquisition_candidates) if acquiring \
-                    else rerank.candidates
+                count = acquiring_k if acquiring else rerank.candidates
                 bar = max(rerank.min_inliers, rerank.acquisition_min_inliers) if acquiring \
                     else rerank.min_inliers
-                checked = [int(j) for j in indices[i][:count]]
+                checked = [int(j) for j in found[:count]]
                 prior, prior_sims = self._prior(queries[i], checked, prediction)
                 features = self.reranker.query_features(to_rgb_array(images[i], color_order))
                 checked += prior.tolist()
                 verification = self.reranker.verify(features, checked, bar)
                 # The estimate also sees every place that was checked beyond the top_k.
-                similarity = dict(zip(indices[i].tolist(), sims[i].tolist()))
+                similarity = dict(zip(found.tolist(), found_sims.tolist()))
                 similarity.update(zip(prior.tolist(), prior_sims.tolist()))
                 top_set = set(candidates.tolist())
                 extra = [j for j in checked if j not in top_set]
@@ -252,7 +262,7 @@ class CVGLLocalizer:
                     [cand_sims, [similarity[j] for j in extra]]).astype(np.float32)
             measurement = self._measure(candidates, cand_sims, timestamps[i], yaws[i],
                                         verification, prediction)
-            measurement.retrieval = [int(j) for j in indices[i][:top]]
+            measurement.retrieval = [int(j) for j in found[:top]]
             if measurement.fix and measurement.verified and self.config.prior_radius_m > 0:
                 self.track.update(timestamps[i], to_enu(*self._origin, measurement.latitude,
                                                         measurement.longitude),

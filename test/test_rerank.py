@@ -125,6 +125,41 @@ def test_acquisition_needs_more_inliers_until_the_first_lock(scene, tile_map):
     assert tracked.tracked and tracked.fix and tracked.inliers == inliers  # the usual bar
 
 
+class RecordingIndex:
+    """The localizer's real index, recording how deep each search goes."""
+
+    def __init__(self, index):
+        self.index, self.depths = index, []
+
+    def search(self, queries, k):
+        self.depths.append(k)
+        return self.index.search(queries, k)
+
+
+def test_only_a_frame_without_a_prediction_searches_for_the_acquisition(scene, tile_map):
+    tiles = tile_map[2]
+    loc = localizer_for(tile_map, top_k=2, prior_radius_m=2000.0, prior_candidates=4,
+                        rerank=RerankConfig(candidates=3, acquisition_candidates=len(tiles)))
+    loc.index = RecordingIndex(loc.index)
+    first = loc.localize(tiles[5].image, timestamp=10.0)      # acquiring: every tile is checked
+    assert first.fix and loc.index.depths == [len(tiles)]
+    view = view_of(scene, tiles[4].col, tiles[4].row, 120.0, seed=3)
+    second = loc.localize(view.image, timestamp=15.0)         # locked: top_k and candidates
+    assert second.tracked and second.fix and loc.index.depths[1:] == [3]
+    # A batch whose second frame comes from long after the first: that one frame is searched
+    # again, deeper, once the first frame's fix shows that no prediction reaches it.
+    loc.index.depths.clear()
+    batch = loc.localize_batch([view.image, tiles[5].image], timestamps=[16.0, 16.0 + 31.0])
+    assert loc.index.depths == [len(tiles)]                  # known before the search
+    # A frame 0.6 s older than the batch's first frame: its prediction is gone only once the
+    # first frame's fix has moved the track on to 101 s (beyond the reordering tolerance).
+    assert loc.localize(tiles[5].image, timestamp=100.0).fix
+    loc.index.depths.clear()
+    batch = loc.localize_batch([tiles[5].image, tiles[4].image], timestamps=[101.0, 100.4])
+    assert loc.index.depths == [3, len(tiles)]
+    assert batch[0].tracked and batch[1].fix and not batch[1].tracked
+
+
 def test_warm_up_prepares_a_map_that_is_checked_whole(tile_map):
     tiles = tile_map[2]
     whole = localizer_for(tile_map, rerank=RerankConfig(acquisition_candidates=len(tiles)))
