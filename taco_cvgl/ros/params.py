@@ -56,8 +56,9 @@ class NodeParams:
     fast_path: str = _field(
         'off', 'Inference fast path (taco_cvgl/fastpath.py): off, auto (CUDA graphs on a GPU, '
         'ONNX Runtime or a frozen TorchScript on a CPU), or one backend (int8: static int8 on '
-        "the CPU, calibrated on the map's images; needs torchao); each is checked against the "
-        'eager model at start and falls back with a warning.',
+        "the CPU, calibrated on the map's images, compiled once per weights and map and kept in "
+        '$TACO_CVGL_CACHE/int8; needs torchao and g++); each is checked against the eager '
+        'model at start and falls back with a warning.',
         choices=('off', 'auto', 'cuda_graph', 'compile', 'onnxruntime', 'jit', 'int8', 'eager'))
     index: str = _field(
         'auto', 'Nearest-neighbour index over the database: auto (exact, or hnsw above 200k '
