@@ -1,5 +1,6 @@
 """Exact and approximate search against a numpy brute force."""
 
+import faiss
 import numpy as np
 import pytest
 from taco_cvgl.errors import InputError
@@ -39,8 +40,13 @@ def test_ivfpq_finds_the_true_neighbour_among_its_candidates():
     db = unit_rows(10000, 64, 4)
     queries = db[:300] + 0.1 * unit_rows(300, 64, 5)
     truth, _ = brute_force_topk(queries, db, 1)
-    found, _ = FaissIndex(db, 'ivfpq', pq_bytes=16, nprobe=32).search(queries, 10)
+    index = FaissIndex(db, 'ivfpq', pq_bytes=16, nprobe=32)
+    found, _ = index.search(queries, 10)
     assert recall_at_k(found, truth, 10) >= 0.9
+    # The codes are taken after a learned rotation (OPQ), and nprobe reaches the lists.
+    rotation = faiss.downcast_VectorTransform(faiss.downcast_index(index.index).chain.at(0))
+    assert isinstance(rotation, faiss.OPQMatrix) and rotation.M == 16
+    assert faiss.extract_index_ivf(index.index).nprobe == 32
 
 
 def test_make_index_choices_and_errors():

@@ -62,7 +62,9 @@ class NodeParams:
         choices=('off', 'auto', 'cuda_graph', 'compile', 'onnxruntime', 'jit', 'int8', 'eager'))
     index: str = _field(
         'auto', 'Nearest-neighbour index over the database: auto (exact, or hnsw above 200k '
-        'entries on CPU), exact, hnsw or ivfpq.', choices=('auto', 'exact', 'hnsw', 'ivfpq'))
+        'entries on CPU), exact, hnsw or ivfpq (64 B codes after a learned rotation, OPQ); an '
+        'approximate index is kept beside the database.',
+        choices=('auto', 'exact', 'hnsw', 'ivfpq'))
     image_topics: Tuple[str, ...] = _field(
         ('image',), 'Camera image topics, one per camera. Relative names resolve in the node '
         'namespace, so a single camera is usually remapped: image:=/camera/image_raw.')
