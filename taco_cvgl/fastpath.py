@@ -383,7 +383,7 @@ class _Int8Cpu:
 
     name = 'int8'
 
-    def __init__(self, model, precision: str, config, calibration: Optional[torch.Tensor],
+    def __init__(self, model, precision: str, calibration: Optional[torch.Tensor],
                  cache_dir: Optional[Path] = None):
         try:
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -720,8 +720,7 @@ class FastEmbedder:
                 raise FastPathError('the int8 backend is for the CPU')
             if self._calibration and self._calibration_batch is None:
                 self._calibration_batch = calibration_batch(self._calibration, self.config)
-            return _Int8Cpu(self.model, self.precision, self.config, self._calibration_batch,
-                            self.cache_dir)
+            return _Int8Cpu(self.model, self.precision, self._calibration_batch, self.cache_dir)
         raise InputError(f'unknown fast path backend {name!r}')
 
     def _build(self, backend: str, check: bool, force_failure: bool):

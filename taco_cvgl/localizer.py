@@ -224,7 +224,9 @@ class CVGLLocalizer:
         rerank = self.config.rerank
         tracked = self.config.top_k if rerank is None else \
             max(self.config.top_k, rerank.candidates)
-        acquiring_k = tracked if rerank is None else max(tracked, rerank.acquisition_candidates)
+        acquiring_checks = 0 if rerank is None else \
+            max(rerank.candidates, rerank.acquisition_candidates)
+        acquiring_k = max(tracked, acquiring_checks)
         # Only a frame without a motion prediction checks the acquisition candidates: while
         # the track holds, the batch searches no deeper than it verifies (on a large
         # approximate index, hundreds of neighbours per frame cost more than the frame).
@@ -244,7 +246,7 @@ class CVGLLocalizer:
             candidates, cand_sims = found[:top], found_sims[:top]
             if self.reranker is not None:
                 acquiring = prediction is None
-                count = acquiring_k if acquiring else rerank.candidates
+                count = acquiring_checks if acquiring else rerank.candidates
                 bar = max(rerank.min_inliers, rerank.acquisition_min_inliers) if acquiring \
                     else rerank.min_inliers
                 checked = [int(j) for j in found[:count]]
