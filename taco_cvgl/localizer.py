@@ -193,8 +193,7 @@ class CVGLLocalizer:
             self.index.search(np.zeros((1, self.model.config.embedding_dim), np.float32), 1)
         rerank = self.config.rerank
         if self.reranker is not None and self.database is not None:
-            checked = max(rerank.candidates, rerank.acquisition_candidates)
-            if len(self.database) <= min(checked, rerank.cache_size):
+            if len(self.database) <= min(rerank.acquiring_candidates, rerank.cache_size):
                 for index in range(len(self.database)):
                     self.reranker.database_features(index)
 
@@ -224,9 +223,7 @@ class CVGLLocalizer:
         rerank = self.config.rerank
         tracked = self.config.top_k if rerank is None else \
             max(self.config.top_k, rerank.candidates)
-        acquiring_checks = 0 if rerank is None else \
-            max(rerank.candidates, rerank.acquisition_candidates)
-        acquiring_k = max(tracked, acquiring_checks)
+        acquiring_k = tracked if rerank is None else max(tracked, rerank.acquiring_candidates)
         # Only a frame without a motion prediction checks the acquisition candidates: while
         # the track holds, the batch searches no deeper than it verifies (on a large
         # approximate index, hundreds of neighbours per frame cost more than the frame).
@@ -246,9 +243,8 @@ class CVGLLocalizer:
             candidates, cand_sims = found[:top], found_sims[:top]
             if self.reranker is not None:
                 acquiring = prediction is None
-                count = acquiring_checks if acquiring else rerank.candidates
-                bar = max(rerank.min_inliers, rerank.acquisition_min_inliers) if acquiring \
-                    else rerank.min_inliers
+                count = rerank.acquiring_candidates if acquiring else rerank.candidates
+                bar = rerank.acquiring_min_inliers if acquiring else rerank.min_inliers
                 checked = [int(j) for j in found[:count]]
                 prior, prior_sims = self._prior(queries[i], checked, prediction)
                 features = self.reranker.query_features(to_rgb_array(images[i], color_order))

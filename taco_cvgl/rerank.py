@@ -57,6 +57,16 @@ class RerankConfig:
                              f'required, got {self.candidates}, {self.min_inliers}, '
                              f'{self.ratio}')
 
+    @property
+    def acquiring_candidates(self) -> int:
+        """Return how many candidates a frame without a motion prediction verifies."""
+        return max(self.candidates, self.acquisition_candidates)
+
+    @property
+    def acquiring_min_inliers(self) -> int:
+        """Return the inliers a frame without a motion prediction needs to be verified."""
+        return max(self.min_inliers, self.acquisition_min_inliers)
+
 
 @dataclasses.dataclass
 class Verification:
