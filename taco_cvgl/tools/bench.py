@@ -199,7 +199,6 @@ class TestImages:
 
     def __init__(self, places: int, queries: int, shape=FRAME_SHAPE, seed: int = 0):
         """Cut `places` database frames; queries re-view the first `queries` of them."""
-        import cv2
         rgb = scene_rgb()
         self.source = 'landsat-8 demo scene' if rgb is not None else 'synthetic texture'
         if rgb is None:
@@ -217,14 +216,28 @@ class TestImages:
             if (crop.max(axis=2) == 0).mean() > 0.02:  # avoid the scene's empty edges
                 continue
             self.database.append(np.ascontiguousarray(crop))
-        for i in range(min(queries, len(self.database))):
-            angle = float(rng.uniform(-8, 8))
-            scale = float(rng.uniform(0.92, 1.08))
-            m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
-            view = cv2.warpAffine(self.database[i], m, (w, h), borderMode=cv2.BORDER_REFLECT)
-            gain = rng.uniform(0.85, 1.15, size=3)
-            noisy = view.astype(np.float32) * gain + rng.normal(0, 4, view.shape)
-            self.queries.append(np.clip(noisy, 0, 255).astype(np.uint8))
+        self.queries = [re_view(self.database[i], rng)
+                        for i in range(min(queries, len(self.database)))]
+
+
+def re_view(image: np.ndarray, rng, size: Optional[int] = None) -> np.ndarray:
+    """
+    Return a query's view of a place, as a camera would see it again.
+
+    Rotated by up to 8 degrees, rescaled by up to 8 %, re-lit per channel by up to 15 %, with
+    sensor noise; `size` keeps a central size x size window.
+    """
+    import cv2
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), float(rng.uniform(-8, 8)),
+                                float(rng.uniform(0.92, 1.08)))
+    view = cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+    if size is not None:
+        top, left = (h - size) // 2, (w - size) // 2
+        view = view[top:top + size, left:left + size]
+    gain = rng.uniform(0.85, 1.15, size=3)
+    noisy = view.astype(np.float32) * gain + rng.normal(0, 4, view.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
 # Random ConvNeXt blocks start with a layer scale of 1e-6, which makes every block almost the
@@ -912,7 +925,6 @@ def scene_retrieval_set(weights: Path, quick: bool, place_px: int = 96, seed: in
     re-lit, with sensor noise); hits(found QxK) says which found places lie within one grid
     stride of it, the counterpart of the usual 25 m threshold.
     """
-    import cv2
     from taco_cvgl.demo.scene import load_scene
     from taco_cvgl.embedder import ImageRetrievalModel
     model = ImageRetrievalModel.load(weights, device='cpu', precision=_fast_cpu_precision())
@@ -932,14 +944,8 @@ def scene_retrieval_set(weights: Path, quick: bool, place_px: int = 96, seed: in
         r, c = int(rng.integers(big, height - big)), int(rng.integers(big, width - big))
         if not scene.valid[r - big // 2:r + big // 2, c - big // 2:c + big // 2].all():
             continue
-        m = cv2.getRotationMatrix2D((big / 2, big / 2), float(rng.uniform(-8, 8)),
-                                    float(rng.uniform(0.92, 1.08)))
-        view = cv2.warpAffine(scene.rgb[r - big // 2:r + big // 2, c - big // 2:c + big // 2],
-                              m, (big, big), borderMode=cv2.BORDER_REFLECT)
-        view = view[big // 4:big // 4 + place_px, big // 4:big // 4 + place_px]
-        view = view.astype(np.float32) * rng.uniform(0.85, 1.15, 3) + \
-            rng.normal(0, 4, view.shape)
-        views.append(np.clip(view, 0, 255).astype(np.uint8))
+        surroundings = scene.rgb[r - big // 2:r + big // 2, c - big // 2:c + big // 2]
+        views.append(re_view(surroundings, rng, place_px))
         where.append((r, c))
     queries = model.encode_batch(views, batch_size=128).numpy()
     where = np.array(where)
