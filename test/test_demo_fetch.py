@@ -128,3 +128,18 @@ def test_no_network_is_one_line_and_a_nonzero_exit(tmp_path):
     assert str(cache / fetch.SCENE_FILE) in lines[0]
     assert done.stdout == ''
     assert not list(cache.glob('.fetch-*'))
+
+
+def test_the_fetch_leaves_setuptools_distutils_working(tmp_path):
+    # Importing pip in a process turns setuptools' distutils shim off for good, and torch's
+    # C++ builds (the int8 fast path) then fail; the fetch asks pip in child processes only.
+    code = ('import sys; from taco_cvgl.demo import fetch; fetch.index_url(); '
+            'print("pip" in sys.modules); import setuptools, distutils.core; '
+            'print(distutils.core.__file__)')
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('TACO_CVGL_INDEX_URL', 'PIP_INDEX_URL')}
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    imported, core = done.stdout.split()
+    assert imported == 'False' and '_distutils' in core

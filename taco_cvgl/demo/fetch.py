@@ -213,12 +213,19 @@ def index_url() -> str:
     configured = _pip_settings().get('index-url')
     if configured:
         return configured
+    # pip's own default, asked of a child process: importing pip here would switch setuptools'
+    # distutils shim off for the rest of this process (torch's C++ builds then fail).
     try:
-        from pip._internal.models.index import PyPI
-        return PyPI.simple_url
-    except ImportError as exc:
-        raise InputError('no package index configured: set $TACO_CVGL_INDEX_URL to a simple-API '
-                         'index URL') from exc
+        default = subprocess.run(
+            [sys.executable, '-c', 'from pip._internal.models.index import PyPI; '
+                                   'print(PyPI.simple_url)'],
+            capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        default = ''
+    if not default:
+        raise InputError('no package index configured and pip not found: set '
+                         '$TACO_CVGL_INDEX_URL to a simple-API index URL')
+    return default
 
 
 @functools.lru_cache(maxsize=1)
