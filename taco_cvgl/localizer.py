@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from pathlib import Path
 import time
 from typing import List, Optional, Sequence
 
 import numpy as np
 from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.embedder import ImageRetrievalModel
-from taco_cvgl.errors import InputError, TacoError
+from taco_cvgl.errors import InputError, MismatchError, TacoError
 from taco_cvgl.estimate import estimate_pose, EstimatorConfig, mahalanobis_sq, PoseEstimate
 from taco_cvgl.geodesy import from_enu, to_enu, wrap_degrees
 from taco_cvgl.preprocess import to_rgb_array
@@ -19,6 +20,7 @@ from taco_cvgl.rerank import (offset_to_enu, RerankConfig, Reranker, Verificatio
                               verified_position_sigma_m)
 from taco_cvgl.search import make_index
 from taco_cvgl.tracking import ConstantVelocityTrack, TrackConfig
+import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +152,49 @@ class CVGLLocalizer:
         localizer.warm_up()
         return localizer
 
+    @classmethod
+    def from_settings(cls, params) -> 'CVGLLocalizer':
+        """
+        Load the localizer a `settings.NodeParams` describes: weights, map, fast path, warm-up.
+
+        What the node, `taco-cvgl localize` and `evaluate` all call. Errors name the setting
+        and the file.
+        """
+        from taco_cvgl.settings import localizer_config
+
+        params.require_files()
+        for name in ('weights', 'database'):
+            path = Path(getattr(params, name))
+            if not path.is_file():
+                raise InputError(f'parameter {name}: file not found: {path}')
+        if params.device.startswith('cuda') and not torch.cuda.is_available():
+            raise TacoError(f'parameter device: {params.device!r} requested but CUDA is not '
+                            f'available here; use auto or cpu')
+        try:
+            model = ImageRetrievalModel.load(params.weights, params.device, params.precision)
+        except MismatchError as exc:
+            raise MismatchError(f'parameter weights: {exc}') from None
+        except TacoError as exc:
+            raise InputError(f'parameter weights: {exc}') from None
+        localizer = cls(model, localizer_config(params))
+        try:
+            localizer.load_map(params.database)
+        except MismatchError as exc:
+            raise MismatchError(f'parameters weights and database do not match '
+                                f'({params.weights}, {params.database}): {exc}') from None
+        except TacoError as exc:
+            raise InputError(f'parameter database: {exc}') from None
+        if params.fast_path != 'off':
+            calibration = None
+            if params.fast_path == 'int8':  # activation ranges measured on the map's images
+                from taco_cvgl.fastpath import calibration_images
+                calibration = calibration_images(localizer.database.image_ids)
+            model.to_runtime(params.device, params.precision,
+                             fast=True if params.fast_path == 'auto' else params.fast_path,
+                             calibration=calibration)
+        localizer.warm_up()
+        return localizer
+
     def load_map(self, path) -> EmbeddingDatabase:
         """Load a database built by the same model and build its search index."""
         db = EmbeddingDatabase.load(path)
@@ -175,7 +220,9 @@ class CVGLLocalizer:
         if missing:
             raise InputError(f'geometric re-ranking needs the database images, but '
                              f'{len(missing)} of {len(db)} listed in {path} are missing '
-                             f'(e.g. {missing[0]}); disable re-ranking or restore them')
+                             f'(e.g. {missing[0]}); restore them, or turn re-ranking off '
+                             f'(rerank:=false, --no-rerank) to publish unverified retrieval '
+                             f'fixes, which are often wrong on unseen imagery')
         return Reranker(lambda i: load_image_file(db.image_ids[i]), self.config.rerank)
 
     def warm_up(self, sizes=((480, 640),)) -> None:

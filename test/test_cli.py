@@ -37,7 +37,9 @@ def test_build_db_then_localize_json(small_map, tmp_path):
     assert 'error' in lines[1]
     for line, place in ((lines[0], 3), (lines[2], 5)):
         _, lat, lon = small_map.places[place]
-        assert line['fix'] is True and line['confidence'] == pytest.approx(1.0)
+        # Verified by default: confidence is inliers / (inliers + rerank_min_inliers 15).
+        assert line['fix'] is True and line['verified'] is True
+        assert line['confidence'] == pytest.approx(line['inliers'] / (line['inliers'] + 15))
         assert distance_m(line['latitude'], line['longitude'], lat, lon) < 0.01
         assert line['top_k'][0]['index'] == place
         assert line['top_k'][0]['similarity'] == pytest.approx(1.0, abs=1e-2)
@@ -54,7 +56,8 @@ def test_text_output_and_user_errors(small_map, tmp_path):
     run = taco('localize', '--db', tmp_path / 'nope.npz', '--weights', small_map.weights,
                small_map.images_dir / 'place_01.png')
     assert run.returncode == 2
-    assert run.stderr.strip() == f'taco-cvgl: error: database file not found: {tmp_path}/nope.npz'
+    assert run.stderr.strip() == \
+        f'taco-cvgl: error: parameter database: file not found: {tmp_path}/nope.npz'
     bad_csv = tmp_path / 'bad.csv'
     bad_csv.write_text('image_path,latitude,longitude\nplace_00.png,12,nan\n')
     run = taco('build-db', '--images', small_map.images_dir, '--csv', bad_csv, '--out',

@@ -10,7 +10,8 @@ A third process publishes the 640x480 camera images over SensorDataQoS, as a cam
 this process listens to the outputs. Every process gets config/fastdds_shm.xml through
 FASTDDS_DEFAULT_PROFILES_FILE: without it Fast DDS drops such images between processes, which
 test_fastdds_profile_lets_camera_images_through shows. The weights are random (tests/conftest.py),
-so the nodes use top_k 1: a place's own image then retrieves exactly that place.
+so the nodes use top_k 1 and retrieval only (rerank false, against the default): a place's own
+image then retrieves exactly that place, and each published value equals the core's.
 """
 
 import json
@@ -293,13 +294,15 @@ def system(small_map, tmp_path_factory):
         "raise ImportError('geographic_msgs hidden for this test')\n")
     files = ['-p', f'weights:={small_map.weights}', '-p', f'database:={small_map.db}']
     node_a = start_node('cvgl_a', [
-        *files, '-p', 'top_k:=1', '-p', 'image_topics:=[/front/image, /left/image]',
+        *files, '-p', 'top_k:=1', '-p', 'rerank:=false',
+        '-p', 'image_topics:=[/front/image, /left/image]',
         '-p', 'camera_yaws_deg:=[0.0, 90.0]', '-p', 'fix_topic:=/a/fix',
         '-p', 'geopose_topic:=/a/geopose', '-p', 'frame_id:=test_base',
         '-p', 'altitude_fallback_m:=123.5', '-p', 'diagnostics_period_s:=0.5',
         '-p', 'device:=cpu'], env, work / 'node_a.log')
     node_b = start_node('cvgl_b', [
-        *files, '-p', 'top_k:=1', '-p', 'image_transport:=compressed', '-r', 'image:=/cam_b/image',
+        *files, '-p', 'top_k:=1', '-p', 'rerank:=false', '-p', 'image_transport:=compressed',
+        '-r', 'image:=/cam_b/image',
         '-p', 'fix_topic:=/b/fix', '-p', 'geopose_topic:=/b/geopose', '-p', 'max_rate_hz:=2.0',
         '-p', 'fast_path:=int8'],
         process_env(domain, pythonpath=[shadow.parent]), work / 'node_b.log')

@@ -15,7 +15,6 @@ Run: ros2 run taco_cvgl cvgl_node --ros-args --params-file config/cvgl.yaml -p w
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 import sys
 import threading
 import time
@@ -28,77 +27,13 @@ from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, NavSatFix
-from taco_cvgl.errors import InputError, MismatchError, TacoError
+from taco_cvgl.errors import TacoError
 from taco_cvgl.image_codec import decode_msg
 from taco_cvgl.ros import messages
-from taco_cvgl.ros.params import declare, NodeParams
+from taco_cvgl.ros.params import declare
 
 NODE_NAME = 'cvgl_node'
 WARN_THROTTLE_S = 5.0  # at most one warning of a kind per this many seconds
-
-
-def load_localizer(params: NodeParams):
-    """
-    Load weights and database, check them against each other and warm up.
-
-    Errors name the parameter and the file. The core (and torch) is imported here, so that
-    parameter errors are reported before the slow import.
-    """
-    params.require_files()
-    for name in ('weights', 'database'):
-        path = Path(getattr(params, name))
-        if not path.is_file():
-            raise InputError(f'parameter {name}: file not found: {path}')
-
-    import torch
-
-    from taco_cvgl.embedder import ImageRetrievalModel
-    from taco_cvgl.estimate import EstimatorConfig
-    from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
-
-    if params.device.startswith('cuda') and not torch.cuda.is_available():
-        raise TacoError(f'parameter device: {params.device!r} requested but CUDA is not '
-                        f'available here; use auto or cpu')
-    estimator = EstimatorConfig(min_confidence=params.min_confidence,
-                                altitude_fallback_m=params.altitude_fallback_m,
-                                altitude_sigma_m=params.altitude_sigma_m)
-    rerank = None
-    if params.rerank:
-        from taco_cvgl.rerank import RerankConfig
-        rerank = RerankConfig(candidates=params.rerank_candidates,
-                              acquisition_candidates=params.rerank_acquisition_candidates,
-                              acquisition_min_inliers=params.rerank_acquisition_min_inliers,
-                              min_inliers=params.rerank_min_inliers)
-    config = LocalizerConfig(top_k=params.top_k, index=params.index, estimator=estimator,
-                             rerank=rerank, prior_radius_m=params.prior_radius_m,
-                             prior_max_age_s=params.prior_max_age_s,
-                             prior_candidates=params.prior_candidates,
-                             track_speed_sigma_mps=params.track_speed_sigma_mps,
-                             track_accel_sigma_mps2=params.track_accel_sigma_mps2)
-    try:
-        model = ImageRetrievalModel.load(params.weights, params.device, params.precision)
-    except MismatchError as exc:
-        raise MismatchError(f'parameter weights: {exc}') from None
-    except TacoError as exc:
-        raise InputError(f'parameter weights: {exc}') from None
-    localizer = CVGLLocalizer(model, config)
-    try:
-        localizer.load_map(params.database)
-    except MismatchError as exc:
-        raise MismatchError(f'parameters weights and database do not match ({params.weights}, '
-                            f'{params.database}): {exc}') from None
-    except TacoError as exc:
-        raise InputError(f'parameter database: {exc}') from None
-    if params.fast_path != 'off':
-        calibration = None
-        if params.fast_path == 'int8':  # activation ranges measured on the map's own images
-            from taco_cvgl.fastpath import calibration_images
-            calibration = calibration_images(localizer.database.image_ids)
-        model.to_runtime(params.device, params.precision,
-                         fast=True if params.fast_path == 'auto' else params.fast_path,
-                         calibration=calibration)
-    localizer.warm_up()
-    return localizer
 
 
 @dataclasses.dataclass
@@ -122,7 +57,8 @@ class CVGLNode(Node):
         """Declare parameters, load model and database (fail fast), start the worker."""
         super().__init__(NODE_NAME, **kwargs)
         self.params = declare(self)
-        self.localizer = load_localizer(self.params)
+        from taco_cvgl.localizer import CVGLLocalizer   # torch: after the parameter checks
+        self.localizer = CVGLLocalizer.from_settings(self.params)
         p = self.params
         self._geopose_type = messages.geopose_type()
         if self._geopose_type is None:

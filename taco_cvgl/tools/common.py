@@ -1,10 +1,13 @@
-"""What every command shares: turning a TacoError into a message and an exit code."""
+"""What every command shares: error reporting, runtime flags and the localizer settings."""
 
 from __future__ import annotations
 
+import argparse
 import functools
+from pathlib import Path
 import sys
 
+from taco_cvgl import settings
 from taco_cvgl.errors import TacoError
 
 EXIT_USER_ERROR = 2
@@ -31,3 +34,38 @@ def add_runtime_args(parser) -> None:
                         help='where the model runs (auto: CUDA when present)')
     parser.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'fp16', 'bf16'),
                         help='autocast precision (auto: fp16 on CUDA, fp32 on CPU)')
+
+
+def add_settings_args(parser) -> None:
+    """
+    Add --params-file and the localizer flags that override it (see `settings_from_args`).
+
+    Each flag left out keeps the file's value, or the node's default without a file, so a CLI
+    run with the node's params file localizes exactly as the node does.
+    """
+    group = parser.add_argument_group(
+        'localizer settings', "the node's parameters (config/cvgl.yaml); flags override the file")
+    group.add_argument('--params-file', type=Path, metavar='FILE',
+                       help="the node's params file (ROS 2 YAML, '/**: ros__parameters:')")
+    group.add_argument('--top-k', type=int, help='neighbours to retrieve (default 10)')
+    group.add_argument('--min-confidence', type=float,
+                       help='below this confidence a frame gets no fix (default 0.5)')
+    group.add_argument('--index', choices=('auto', 'exact', 'hnsw', 'ivfpq'),
+                       help='search index (auto: exact, approximate above 200k entries on CPU)')
+    group.add_argument('--rerank', action=argparse.BooleanOptionalAction, default=None,
+                       help='verify candidates geometrically and report only verified fixes '
+                            '(default on; --no-rerank reports retrieval-only fixes)')
+    group.add_argument('--fast-path', choices=settings.FAST_PATHS,
+                       help='inference fast path, as the node parameter fast_path (default off)')
+    group.add_argument('--device', help='auto, cpu, cuda or cuda:N (default auto)')
+    group.add_argument('--precision', choices=('auto', 'fp32', 'fp16', 'bf16'),
+                       help='autocast precision (auto: fp16 on CUDA, fp32 on CPU)')
+
+
+def settings_from_args(args, weights, database):
+    """Return the NodeParams of --params-file with the given flags, weights and database."""
+    return settings.settings(
+        args.params_file, weights=str(weights) if weights else None,
+        database=str(database) if database else None, top_k=args.top_k,
+        min_confidence=args.min_confidence, index=args.index, rerank=args.rerank,
+        fast_path=args.fast_path, device=args.device, precision=args.precision)

@@ -36,12 +36,11 @@ import numpy as np
 from taco_cvgl import bags
 from taco_cvgl.atomic import atomic_path
 from taco_cvgl.errors import InputError, TacoError
-from taco_cvgl.estimate import EstimatorConfig
 from taco_cvgl.evaluation import (DEFAULT_KS, frame_table, FrameResult, FrameTable,
                                   interpolate_headings, SCHEMA, summarize)
 from taco_cvgl.geodesy import distance_m, enu_yaw_to_heading
 from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig, Measurement
-from taco_cvgl.tools.common import add_runtime_args, reports_errors
+from taco_cvgl.tools.common import add_settings_args, reports_errors, settings_from_args
 
 QUATERNION_STAMPED_TYPE = 'geometry_msgs/msg/QuaternionStamped'
 IMU_TYPE = 'sensor_msgs/msg/Imu'
@@ -655,11 +654,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--gt-heading-topic',
                         help='ground-truth heading: geometry_msgs/QuaternionStamped or '
                              'sensor_msgs/Imu orientation (ENU); without it no heading error')
-    parser.add_argument('--top-k', type=int, default=10, help='neighbours to retrieve')
-    parser.add_argument('--min-confidence', type=float, default=0.5,
-                        help='below this confidence a frame gets no fix (default 0.5)')
-    parser.add_argument('--index', default='auto', choices=('auto', 'exact', 'hnsw', 'ivfpq'),
-                        help='search index (auto: exact, approximate above 200k entries on CPU)')
     parser.add_argument('--camera-yaw-deg', type=float, default=0.0,
                         help='camera mounting yaw relative to the robot (deg, CCW positive)')
     parser.add_argument('--max-frames', type=int,
@@ -674,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no-plots', action='store_true',
                         help='write metrics.json and frames.csv only, no pictures')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
-    add_runtime_args(parser)
+    add_settings_args(parser)
     return parser
 
 
@@ -707,20 +701,19 @@ def main(argv: Optional[list] = None) -> int:
             max_gt_gap_s=args.max_gt_gap_s, db=args.db, background=background,
             progress=progress, plots=not args.no_plots)
     else:
+        params = settings_from_args(args, args.weights, args.db)
         missing = [flag for flag, value in (('--image-topic', args.image_topic),
-                                            ('--db', args.db), ('--weights', args.weights))
-                   if not value]
+                                            ('--db', params.database),
+                                            ('--weights', params.weights)) if not value]
         if missing:
             raise InputError(f'evaluating a camera bag needs {", ".join(missing)} (or give '
                              f'--estimate-topic to score a bag recorded from the node)')
-        config = LocalizerConfig(top_k=args.top_k, index=args.index,
-                                 estimator=EstimatorConfig(min_confidence=args.min_confidence))
         result = evaluate_bag(
-            args.bag, args.image_topic, args.gt_topic, args.db, args.weights, args.out,
+            args.bag, args.image_topic, args.gt_topic, params.database, params.weights,
+            args.out, localizer=CVGLLocalizer.from_settings(params),
             gt_bag=args.gt_bag, gt_heading_topic=args.gt_heading_topic,
             threshold_m=args.threshold_m, fix_threshold_m=args.fix_threshold_m,
-            max_gt_gap_s=args.max_gt_gap_s, config=config, device=args.device,
-            precision=args.precision, camera_yaw_deg=args.camera_yaw_deg,
+            max_gt_gap_s=args.max_gt_gap_s, camera_yaw_deg=args.camera_yaw_deg,
             max_frames=args.max_frames, grid_rows=args.grid_rows, background=background,
             progress=progress, plots=not args.no_plots)
     print(format_summary(result.metrics))

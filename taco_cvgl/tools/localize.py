@@ -10,10 +10,9 @@ import sys
 from typing import Iterator, List, Optional
 
 from taco_cvgl.errors import InputError
-from taco_cvgl.estimate import EstimatorConfig
 from taco_cvgl.image_codec import load_image_file
-from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig, Measurement
-from taco_cvgl.tools.common import add_runtime_args, reports_errors
+from taco_cvgl.localizer import CVGLLocalizer, Measurement
+from taco_cvgl.tools.common import add_settings_args, reports_errors, settings_from_args
 
 
 def localize_files(localizer: CVGLLocalizer, images: List[Path]
@@ -42,18 +41,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('images', nargs='+', type=Path, help='image files')
     parser.add_argument('--db', type=Path, required=True, help='database built by build-db')
     parser.add_argument('--weights', type=Path, required=True, help='the weights that built it')
-    parser.add_argument('--top-k', type=int, default=10, help='neighbours to retrieve')
-    parser.add_argument('--min-confidence', type=float, default=0.5,
-                        help='below this confidence the result is reported as no fix')
-    parser.add_argument('--index', default='auto', choices=('auto', 'exact', 'hnsw', 'ivfpq'),
-                        help='search index (auto: exact, approximate above 200k entries on CPU)')
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
-    add_runtime_args(parser)
+    add_settings_args(parser)
     args = parser.parse_args(argv)
-    config = LocalizerConfig(top_k=args.top_k, index=args.index,
-                             estimator=EstimatorConfig(min_confidence=args.min_confidence))
-    localizer = CVGLLocalizer.from_files(args.weights, args.db, args.device, args.precision,
-                                         config)
+    localizer = CVGLLocalizer.from_settings(settings_from_args(args, args.weights, args.db))
     failures = 0
     for path, result in localize_files(localizer, args.images):
         if isinstance(result, InputError):
