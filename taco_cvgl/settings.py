@@ -243,15 +243,24 @@ def _yaml_scalar(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def defaults_yaml() -> str:
-    """Return the params file of the defaults (`/**: ros__parameters:`), each with its comment."""
-    all_defaults = defaults()
-    lines = ['# Parameters of cvgl_node (taco_cvgl). Generated from taco_cvgl/ros/params.py by',
+def defaults_yaml(params: Optional[NodeParams] = None) -> str:
+    """
+    Return a params file (`/**: ros__parameters:`), each setting with its comment.
+
+    Of the defaults (config/cvgl.yaml), or of the given settings (the demo writes its own).
+    """
+    values = defaults() if params is None else {
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in dataclasses.asdict(params).items()}
+    lines = ['# Parameters of cvgl_node (taco_cvgl). Generated from taco_cvgl/settings.py by',
              '#   python -m taco_cvgl.ros.params > config/cvgl.yaml',
              '# test/test_params.py checks that this file and the node agree.',
              '/**:', '  ros__parameters:']
+    if params is not None:
+        lines[:3] = ['# Settings of cvgl_node (taco_cvgl), as NodeParams: read by the node '
+                     '(--params-file) and by', '# taco-cvgl localize/evaluate --params-file.']
     for field in dataclasses.fields(NodeParams):
-        value = all_defaults[field.name]
+        value = values[field.name]
         text = field.metadata['description']
         limits = describe_limits(field)
         if limits:

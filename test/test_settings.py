@@ -131,3 +131,14 @@ def test_the_default_configuration_withholds_the_fix_for_an_unrelated_place(
     assert elsewhere['verified'] is False and elsewhere['fix'] is False
     assert itself['verified'] is True and itself['fix'] is True
     assert itself['top_k'][0]['image_id'].endswith('place_02.png')
+
+
+def test_settings_written_as_a_params_file_read_back_equal(tmp_path):
+    from taco_cvgl.tools.demo import demo_settings
+    demo = demo_settings('w.safetensors', 'm.npz')
+    path = tmp_path / 'demo.yaml'
+    path.write_text(settings.defaults_yaml(demo))
+    assert settings.settings(path) == demo == _node_settings(path)
+    # By hand: the demo checks 400 places until the first lock, with 20 inliers.
+    rerank = settings.localizer_config(demo).rerank
+    assert (rerank.acquisition_candidates, rerank.acquisition_min_inliers) == (400, 20)

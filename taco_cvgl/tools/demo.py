@@ -160,24 +160,32 @@ def write_flight_bag(views, path: Path) -> Path:
     return path
 
 
-def demo_localizer_config():
+def demo_settings(weights='', database=''):
     """
-    Return the localizer settings the demo uses (retrieval, verification, motion prior).
+    Return the demo's settings (retrieval, verification, motion prior, topics) as NodeParams.
 
+    The node reads them from a params file, the offline evaluation through the same mapping.
     The motion model is the simulated aircraft's: about 50 m/s, gentle turns, and a camera at
     0.2 Hz that may see nothing verifiable (dense forest, haze) for a minute or more. Until the
     first lock every map tile of the evaluation area is checked (the embedding, trained for
     minutes on a CPU, cannot be trusted to rank the right one near the top), with a stricter
     inlier bar so that the wider search does not lock onto a wrong place.
     """
-    from taco_cvgl.localizer import LocalizerConfig
-    from taco_cvgl.rerank import RerankConfig
-    return LocalizerConfig(top_k=10, rerank=RerankConfig(candidates=10,
-                                                         acquisition_candidates=400,
-                                                         acquisition_min_inliers=20),
-                           prior_radius_m=2 * STRIDE_PX * PIXEL_M, prior_candidates=9,
-                           prior_max_age_s=120.0, track_speed_sigma_mps=50.0,
-                           track_accel_sigma_mps2=1.0)
+    from taco_cvgl.settings import NodeParams
+    return NodeParams(weights=str(weights), database=str(database),
+                      image_topics=(IMAGE_TOPIC,), fix_topic=FIX_TOPIC,
+                      geopose_topic=GEOPOSE_TOPIC, qos_reliability='reliable', top_k=10,
+                      rerank=True, rerank_candidates=10, rerank_acquisition_candidates=400,
+                      rerank_acquisition_min_inliers=20,
+                      prior_radius_m=2 * STRIDE_PX * PIXEL_M, prior_candidates=9,
+                      prior_max_age_s=120.0, track_speed_sigma_mps=50.0,
+                      track_accel_sigma_mps2=1.0, publish_no_fix=True)
+
+
+def demo_localizer_config():
+    """Return the LocalizerConfig of `demo_settings()`."""
+    from taco_cvgl.settings import localizer_config
+    return localizer_config(demo_settings())
 
 
 def calibrate(localizer, views) -> Dict[str, float]:
@@ -220,22 +228,11 @@ def run_live(options: DemoOptions, weights: Path, db: Path, flight_bag: Path) ->
     profile = share / 'fastdds_shm.xml'
     if profile.is_file():
         env['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
-    config = demo_localizer_config()
+    params_file = options.out / 'cvgl_demo.yaml'
+    from taco_cvgl.settings import defaults_yaml
+    params_file.write_text(defaults_yaml(demo_settings(weights, db)), encoding='utf-8')
     node_cmd = [sys.executable, '-m', 'taco_cvgl.ros.node', '--ros-args',
-                '-p', f'weights:={weights}', '-p', f'database:={db}',
-                '-p', f'image_topics:=[{IMAGE_TOPIC}]', '-p', f'fix_topic:={FIX_TOPIC}',
-                '-p', f'geopose_topic:={GEOPOSE_TOPIC}', '-p', 'qos_reliability:=reliable',
-                '-p', f'top_k:={config.top_k}', '-p', 'rerank:=true',
-                '-p', f'rerank_candidates:={config.rerank.candidates}',
-                '-p', f'rerank_acquisition_candidates:={config.rerank.acquisition_candidates}',
-                '-p', ('rerank_acquisition_min_inliers:='
-                       f'{config.rerank.acquisition_min_inliers}'),
-                '-p', f'prior_radius_m:={config.prior_radius_m}',
-                '-p', f'prior_max_age_s:={config.prior_max_age_s}',
-                '-p', f'prior_candidates:={config.prior_candidates}',
-                '-p', f'track_speed_sigma_mps:={config.track_speed_sigma_mps}',
-                '-p', f'track_accel_sigma_mps2:={config.track_accel_sigma_mps2}',
-                '-p', 'publish_no_fix:=true']
+                '--params-file', str(params_file)]
     log_path = options.out / 'node.log'
     with open(log_path, 'w') as node_log:
         node = subprocess.Popen(node_cmd, stdout=node_log, stderr=subprocess.STDOUT, env=env)
