@@ -230,7 +230,9 @@ def run_live(options: DemoOptions, weights: Path, db: Path, flight_bag: Path) ->
         env['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
     params_file = options.out / 'cvgl_demo.yaml'
     from taco_cvgl.settings import defaults_yaml
-    params_file.write_text(defaults_yaml(demo_settings(weights, db)), encoding='utf-8')
+    # Absolute paths: the file is also for taco-cvgl evaluate --params-file run from elsewhere.
+    params = demo_settings(Path(weights).resolve(), Path(db).resolve())
+    params_file.write_text(defaults_yaml(params), encoding='utf-8')
     node_cmd = [sys.executable, '-m', 'taco_cvgl.ros.node', '--ros-args',
                 '--params-file', str(params_file)]
     log_path = options.out / 'node.log'
