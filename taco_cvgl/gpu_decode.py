@@ -26,7 +26,7 @@ import warnings
 
 import numpy as np
 from taco_cvgl.errors import InputError
-from taco_cvgl.image_codec import load_image_file
+from taco_cvgl.image_codec import check_image_header, load_image_file
 import torch
 
 JPEG_MAGIC = b'\xff\xd8\xff'
@@ -136,6 +136,10 @@ def _read(path: str) -> Union[bytes, InputError]:
         return InputError(f'cannot read image file {path}: {err.strerror or err}')
     if not data:
         return InputError(f'image file {path} is empty')
+    try:  # nvJPEG allocates what the header claims, as the CPU decoders do
+        check_image_header(data, f'image file {path}')
+    except InputError as exc:
+        return exc
     return data
 
 

@@ -24,9 +24,11 @@ Conventions (the same as cv_bridge where cv_bridge defines them):
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 import re
 from typing import Any, NamedTuple
+import warnings
 
 import cv2
 import numpy as np
@@ -99,6 +101,19 @@ _COMPRESSED_CODECS = {
 # 16-bit samples 16-bit so that the reduction to 8 bits is ours and documented.
 _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
 
+#: Default limit on the size of an image to decode, in pixels (width * height), checked from the
+#: header before anything is decoded: a 4K camera gives 8.3 MP and a large aerial tile 25 MP, so
+#: 50 MP leaves room for any real camera, while a 69-byte file claiming 20000 x 20000 (400 MP,
+#: 1.2 GB decoded) is refused. The setting max_image_pixels (settings.py) overrides it.
+MAX_IMAGE_PIXELS = 50_000_000
+
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they hold the size.
+# C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# JPEG markers without a length field: TEM and the restart markers RST0-7.
+_JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
+
 # compressed_depth_image_transport prefixes its PNG with a 12-byte header
 # (int32 format + float32[2] depth quantisation parameters).
 _COMPRESSED_DEPTH_HEADER_BYTES = 12
@@ -132,25 +147,110 @@ def _as_uint8_buffer(data: Any, what: str) -> np.ndarray:
         raise InputError(f'{what}: data of type {type(data).__name__} is not bytes') from err
 
 
+class OversizedImageError(InputError):
+    """An image whose header claims more pixels than the limit (max_image_pixels)."""
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Raise OversizedImageError when width * height exceeds max_pixels."""
+    pixels = width * height
+    if pixels > max_pixels:
+        raise OversizedImageError(
+            f'{what}: image is {width} x {height} = {pixels / 1e6:.6g} MP, over the limit of '
+            f'{max_pixels / 1e6:.6g} MP (max_image_pixels)')
+
+
+def _png_size(data: memoryview) -> tuple[int, int] | None:
+    """Return (width, height) from a PNG's IHDR chunk (right after the signature)."""
+    if len(data) < 24 or data[12:16] != b'IHDR':
+        return None
+    return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+
+
+def _jpeg_size(data: memoryview) -> tuple[int, int] | None:
+    """Return (width, height) from a JPEG's start-of-frame segment, walking the markers to it."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker in _JPEG_STANDALONE:
+            pos += 2
+        elif marker in _JPEG_SOF:
+            if pos + 9 > len(data):
+                return None
+            return (int.from_bytes(data[pos + 7:pos + 9], 'big'),
+                    int.from_bytes(data[pos + 5:pos + 7], 'big'))
+        else:
+            length = int.from_bytes(data[pos + 2:pos + 4], 'big')
+            if length < 2 or marker in (0x00, 0xD8, 0xD9, 0xDA):  # no frame before the scan
+                return None
+            pos += 2 + length
+    return None
+
+
+def _pillow_size(data: memoryview, max_pixels: int, what: str) -> tuple[int, int] | None:
+    """Return (width, height) as Pillow reads them from the header (it decodes nothing yet)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except Image.DecompressionBombError as err:  # beyond Pillow's own limit, 179 MP
+        raise OversizedImageError(
+            f'{what}: {err}; over the limit of {max_pixels / 1e6:.6g} MP (max_image_pixels)'
+        ) from None
+    except Exception:  # noqa: B902 - hostile headers raise anything; all mean "no size"
+        return None
+
+
+def check_image_header(data: Any, what: str, kind: str = 'known',
+                       max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """
+    Refuse encoded image data whose header claims more than max_pixels, before decoding.
+
+    Decoders allocate what the header claims, so a tiny file claiming 20000 x 20000 costs gigabytes
+    (and Pillow ends in a DecompressionBombError). PNG and JPEG headers are read here; other
+    formats through Pillow, which reads only the header. Data without a readable size is refused
+    too (InputError naming `kind`, the expected codec).
+    """
+    view = memoryview(_as_uint8_buffer(data, what))
+    if view[:8] == _PNG_SIGNATURE:
+        size = _png_size(view)
+    elif view[:2] == b'\xff\xd8':
+        size = _jpeg_size(view)
+    else:
+        size = _pillow_size(view, max_pixels, what)
+    if size is None:
+        raise InputError(f'{what}: data is corrupt or not a {kind} image (no size in its header)')
+    _check_pixels(*size, max_pixels, what)
+
+
 def _to_8bit(samples: np.ndarray) -> np.ndarray:
     """Reduce native uint16 samples to uint8 by keeping the high byte."""
     return (samples >> 8).astype(np.uint8)
 
 
 def decode_raw(encoding: str, height: int, width: int, step: int, data: Any,
-               is_bigendian: bool = False) -> np.ndarray:
+               is_bigendian: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """
     Decode ``sensor_msgs/msg/Image`` fields to an (H, W, 3) uint8 RGB array.
 
     ``step`` is the length of one row in bytes (it may include padding at the end of each row);
     ``data`` must hold at least ``step * height`` bytes (``step * height * 3 / 2`` for nv12/nv21).
-    Raises InputError naming the encoding and sizes when the fields are inconsistent.
+    Raises InputError naming the encoding and sizes when the fields are inconsistent, and
+    OversizedImageError when height * width exceeds max_pixels (before the data is touched).
     """
     height, width, step = int(height), int(width), int(step)
     what = f'image {width}x{height} encoding {encoding!r} step {step}'
     name = _canonical(encoding)
     if height <= 0 or width <= 0:
         raise InputError(f'{what}: image has zero size')
+    _check_pixels(width, height, max_pixels, what)
     buf = _as_uint8_buffer(data, what)
 
     if name in _NV_CODES:
@@ -206,14 +306,14 @@ def _compressed_codec(fmt: str) -> str:
         f'{", ".join(sorted(set(_COMPRESSED_CODECS.values())))}')
 
 
-def decode_compressed(fmt: str, data: Any) -> np.ndarray:
+def decode_compressed(fmt: str, data: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """
     Decode ``sensor_msgs/msg/CompressedImage`` fields to an (H, W, 3) uint8 RGB array.
 
     ``fmt`` is the message's format field, such as 'jpeg', 'png', 'bgr8; jpeg compressed bgr8' or
     '16UC1; compressedDepth png'; an empty format lets the decoder recognise the data.
     16-bit PNGs are reduced to 8 bits by keeping the high byte. Corrupt or truncated data raises
-    InputError.
+    InputError; a header claiming more than max_pixels raises OversizedImageError.
     """
     codec = _compressed_codec(fmt)
     buf = _as_uint8_buffer(data, f'CompressedImage format {fmt!r}')
@@ -222,6 +322,7 @@ def decode_compressed(fmt: str, data: Any) -> np.ndarray:
         buf = buf[_COMPRESSED_DEPTH_HEADER_BYTES:]
     if buf.size == 0:
         raise InputError(f'{what}: no image data')
+    check_image_header(buf, what, codec or 'known', max_pixels)
     if codec == 'jpeg' and buf[:2].tobytes() == b'\xff\xd8':
         # libjpeg decodes a truncated JPEG with a grey bottom and only a warning; a complete one
         # contains the end-of-image marker FF D9 (possibly followed by padding).
@@ -345,12 +446,13 @@ def encode_compressed(rgb: np.ndarray, fmt: str = 'jpeg', quality: int = 90) -> 
     return f'rgb8; {codec} compressed bgr8', encoded.tobytes()
 
 
-def load_image_file(path: str | Path) -> np.ndarray:
+def load_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """
     Read an image file (JPEG, PNG, TIFF, ...) as an (H, W, 3) uint8 RGB array.
 
     16-bit files are reduced to 8 bits by keeping the high byte, alpha is dropped, grey is
     replicated. OpenCV decodes first; Pillow is the fallback for files OpenCV cannot read.
+    A header claiming more than max_pixels raises OversizedImageError before any decoding.
     """
     path = Path(path)
     try:
@@ -362,6 +464,7 @@ def load_image_file(path: str | Path) -> np.ndarray:
     what = f'image file {path}'
     if not raw:
         raise InputError(f'{what} is empty')
+    check_image_header(raw, what, max_pixels=max_pixels)
     image = None
     try:
         image = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), _IMREAD_FLAGS)
@@ -374,29 +477,30 @@ def load_image_file(path: str | Path) -> np.ndarray:
 
 def _load_with_pillow(raw: bytes, what: str) -> np.ndarray:
     """Decode image bytes with Pillow (formats OpenCV lacks) or raise InputError."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            return np.array(img.convert('RGB'), dtype=np.uint8, order='C')
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # size checked
+            with Image.open(io.BytesIO(raw)) as img:
+                return np.array(img.convert('RGB'), dtype=np.uint8, order='C')
+    except Exception as err:  # noqa: B902 - corrupt data raises anything from Pillow's plugins
         raise InputError(f'{what} is not a readable image: {err}') from None
 
 
-def decode_msg(msg: Any) -> np.ndarray:
+def decode_msg(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """
     Decode an Image or CompressedImage message object to an (H, W, 3) uint8 RGB array.
 
     Duck-typed: any object with the fields (encoding, height, width, step, data[, is_bigendian])
     or (format, data) works, whether it came from rclpy or from the rosbags deserializer.
+    An image of more than max_pixels raises OversizedImageError, decoding nothing.
     """
     if hasattr(msg, 'encoding') and hasattr(msg, 'step'):
         return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data,
-                          bool(getattr(msg, 'is_bigendian', False)))
+                          bool(getattr(msg, 'is_bigendian', False)), max_pixels)
     if hasattr(msg, 'format') and hasattr(msg, 'data'):
-        return decode_compressed(msg.format, msg.data)
+        return decode_compressed(msg.format, msg.data, max_pixels)
     raise InputError(
         f'{type(msg).__name__} is neither an Image (encoding, height, width, step, data) '
         'nor a CompressedImage (format, data) message')

@@ -105,27 +105,32 @@ class Measurement:
     tracked: bool = False             # the motion prior's prediction was used for this frame
 
     def to_dict(self) -> dict:
-        """Return a JSON-ready dict (covariance flattened row-major, 9 numbers)."""
+        """
+        Return a strict-JSON-ready dict (covariance flattened row-major, 9 numbers).
+
+        Every number missing or not finite (no fix, no heading, no altitude) is None, so that
+        json.dumps(..., allow_nan=False) writes null, never the NaN that JSON does not have.
+        """
         def num(value):
-            return float(value) if math.isfinite(value) else None
+            return float(value) if value is not None and math.isfinite(value) else None
         return {
-            'timestamp': self.timestamp,
+            'timestamp': num(self.timestamp),
             'fix': bool(self.fix),
-            'latitude': self.latitude,
-            'longitude': self.longitude,
-            'altitude': self.altitude,
+            'latitude': num(self.latitude),
+            'longitude': num(self.longitude),
+            'altitude': num(self.altitude),
             'heading': num(self.heading),
             'heading_variance': num(self.heading_variance),
-            'position_covariance': [float(v) for v in self.position_covariance.reshape(-1)],
-            'confidence': self.confidence,
-            'latency_s': self.latency_s,
+            'position_covariance': [num(v) for v in self.position_covariance.reshape(-1)],
+            'confidence': num(self.confidence),
+            'latency_s': num(self.latency_s),
             'verified': self.verified,
-            'inliers': self.inliers,
-            'tracked': self.tracked,
+            'inliers': int(self.inliers),
+            'tracked': bool(self.tracked),
             'retrieval': [int(i) for i in self.retrieval],
-            'top_k': [{'index': m.index, 'image_id': m.image_id, 'latitude': m.latitude,
-                       'longitude': m.longitude, 'heading': num(m.heading),
-                       'similarity': m.similarity} for m in self.matches],
+            'top_k': [{'index': int(m.index), 'image_id': m.image_id, 'latitude': num(m.latitude),
+                       'longitude': num(m.longitude), 'heading': num(m.heading),
+                       'similarity': num(m.similarity)} for m in self.matches],
         }
 
 

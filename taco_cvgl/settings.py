@@ -21,6 +21,7 @@ import re
 from typing import Any, Dict, Optional, Tuple
 
 from taco_cvgl.errors import InputError
+from taco_cvgl.image_codec import MAX_IMAGE_PIXELS
 
 # A device name: the regular expression it must match, and the same in words.
 DEVICE_PATTERN = (re.compile(r'auto|cpu|cuda(:\d+)?'), 'auto, cpu, cuda or cuda:N')
@@ -83,6 +84,12 @@ class NodeParams:
         'raw', 'raw: sensor_msgs/Image on each image topic; compressed: '
         'sensor_msgs/CompressedImage on <topic>/compressed (image_transport naming).',
         choices=('raw', 'compressed'))
+    max_image_pixels: int = _field(
+        MAX_IMAGE_PIXELS, 'Largest image accepted, in pixels (width x height), as its header '
+        'claims it before anything is decoded; a bigger one is skipped as a bad message '
+        '(oversized_messages in /diagnostics), so one small file claiming a huge size cannot '
+        'exhaust memory. A 4K camera gives 8.3 MP, a large aerial tile 25 MP.',
+        low=1, high=150_000_000)
     qos_reliability: str = _field(
         'best_effort', 'Reliability of the image subscriptions: best_effort (with volatile '
         'durability and qos_depth this is SensorDataQoS, which matches any camera driver) or '

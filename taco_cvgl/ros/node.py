@@ -28,7 +28,7 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, NavSatFix
 from taco_cvgl.errors import TacoError
-from taco_cvgl.image_codec import decode_msg
+from taco_cvgl.image_codec import decode_msg, OversizedImageError
 from taco_cvgl.ros import messages
 from taco_cvgl.ros.params import declare
 
@@ -42,12 +42,31 @@ class Counters:
 
     received: int = 0
     dropped: int = 0
-    bad: int = 0
+    bad: int = 0        # skipped messages, the oversized ones included
+    oversized: int = 0  # skipped because their header claims more than max_image_pixels
     errors: int = 0
     localized: int = 0
     fixes: int = 0
     latencies_s: List[float] = dataclasses.field(default_factory=list)  # since last report
     confidence: float = float('nan')
+
+    def count_bad(self, exc: Exception) -> None:
+        """Count a skipped message; oversized ones apart too (a hostile camera, not a glitch)."""
+        self.bad += 1
+        self.oversized += isinstance(exc, OversizedImageError)
+
+    def problems(self, last: 'Counters') -> List[str]:
+        """Return the warnings since the report whose counters were `last`."""
+        problems = []
+        if self.received == last.received:
+            problems.append('no images')
+        if self.bad > last.bad:
+            oversized = self.oversized - last.oversized
+            problems.append(f'{self.bad - last.bad} bad image message(s)' + (
+                f' ({oversized} over max_image_pixels)' if oversized else ''))
+        if self.localized > last.localized and self.fixes == last.fixes:
+            problems.append('no fix: confidence below min_confidence')
+        return problems
 
 
 class CVGLNode(Node):
@@ -145,10 +164,10 @@ class CVGLNode(Node):
         images, good = [], []
         for index, (msg, received) in frames:
             try:
-                images.append(decode_msg(msg))
+                images.append(decode_msg(msg, self.params.max_image_pixels))
             except Exception as exc:  # noqa: B902 - any undecodable message is a bad message
                 with self._cond:
-                    self._counters.bad += 1
+                    self._counters.count_bad(exc)
                 self.get_logger().warning(f'{self._topics[index]}: skipped a bad image: {exc}',
                                           throttle_duration_sec=WARN_THROTTLE_S)
                 continue
@@ -189,15 +208,8 @@ class CVGLNode(Node):
         then, last = self._reported
         self._reported = (now, c)
         dt = max(now - then, 1e-6)
-        level, problems = DiagnosticStatus.OK, []
-        if c.received == last.received:
-            problems.append('no images')
-        if c.bad > last.bad:
-            problems.append(f'{c.bad - last.bad} bad image message(s)')
-        if c.localized > last.localized and c.fixes == last.fixes:
-            problems.append('no fix: confidence below min_confidence')
-        if problems:
-            level = DiagnosticStatus.WARN
+        problems = c.problems(last)
+        level = DiagnosticStatus.WARN if problems else DiagnosticStatus.OK
         if c.errors > last.errors:
             level = DiagnosticStatus.ERROR
             problems.append(f'{c.errors - last.errors} failed localization(s)')
@@ -210,7 +222,8 @@ class CVGLNode(Node):
             'latency_max_ms': 1e3 * max(lat) if lat else float('nan'),
             'confidence': c.confidence,
             'frames_received': c.received, 'frames_dropped': c.dropped,
-            'bad_messages': c.bad, 'localization_errors': c.errors,
+            'bad_messages': c.bad, 'oversized_messages': c.oversized,
+            'localization_errors': c.errors,
             'localizations': c.localized, 'fixes': c.fixes,
             'device': str(model.device), 'precision': model.precision,
             'fast_path': self._fast_path(),

@@ -10,19 +10,26 @@ import sys
 from typing import Iterator, List, Optional
 
 from taco_cvgl.errors import InputError
-from taco_cvgl.image_codec import load_image_file
+from taco_cvgl.image_codec import load_image_file, MAX_IMAGE_PIXELS
 from taco_cvgl.localizer import CVGLLocalizer, Measurement
 from taco_cvgl.tools.common import add_settings_args, reports_errors, settings_from_args
 
 
-def localize_files(localizer: CVGLLocalizer, images: List[Path]
-                   ) -> Iterator[tuple]:
-    """Yield (path, Measurement or InputError) for each image; one bad file stops nothing."""
+def localize_files(localizer: CVGLLocalizer, images: List[Path],
+                   max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple]:
+    """
+    Yield (path, Measurement or InputError) for each image; one bad file stops nothing.
+
+    Whatever fails on one file (a decoder's or the model's own exception included) becomes that
+    file's InputError; only KeyboardInterrupt and the like stop the run.
+    """
     for path in images:
         try:
-            yield path, localizer.localize(load_image_file(path))
+            yield path, localizer.localize(load_image_file(path, max_pixels))
         except InputError as exc:
             yield path, exc
+        except Exception as exc:  # noqa: B902 - the next file must still be localized
+            yield path, InputError(f'{path}: cannot localize it: {type(exc).__name__}: {exc}')
 
 
 def format_text(path: Path, m: Measurement) -> str:
@@ -44,17 +51,19 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     add_settings_args(parser)
     args = parser.parse_args(argv)
-    localizer = CVGLLocalizer.from_settings(settings_from_args(args, args.weights, args.db))
+    params = settings_from_args(args, args.weights, args.db)
+    localizer = CVGLLocalizer.from_settings(params)
     failures = 0
-    for path, result in localize_files(localizer, args.images):
+    for path, result in localize_files(localizer, args.images, params.max_image_pixels):
         if isinstance(result, InputError):
             failures += 1
             print(f'taco-cvgl: error: {result}', file=sys.stderr)
             if args.json:
                 print(json.dumps({'image': str(path), 'error': str(result)}), flush=True)
             continue
-        if args.json:
-            print(json.dumps({'image': str(path), **result.to_dict()}), flush=True)
+        if args.json:  # strict JSON: to_dict gives null for every missing number
+            print(json.dumps({'image': str(path), **result.to_dict()}, allow_nan=False),
+                  flush=True)
         else:
             print(format_text(path, result), flush=True)
     return 1 if failures else 0
