@@ -72,10 +72,16 @@ class Counters:
 class CVGLNode(Node):
     """Subscribe to the cameras, localize their newest frames in batches, publish fixes."""
 
-    def __init__(self, **kwargs):
-        """Declare parameters, load model and database (fail fast), start the worker."""
+    def __init__(self, argv: Optional[List[str]] = None, **kwargs):
+        """
+        Declare parameters, load model and database (fail fast), start the worker.
+
+        argv: the command line given to rclpy.init (None: sys.argv, as there), so that a value
+        rcl could not apply is refused rather than ignored.
+        """
         super().__init__(NODE_NAME, **kwargs)
-        self.params = declare(self)
+        argv = [*(sys.argv if argv is None else argv), *(kwargs.get('cli_args') or ())]
+        self.params = declare(self, argv)
         from taco_cvgl.localizer import CVGLLocalizer   # torch: after the parameter checks
         self.localizer = CVGLLocalizer.from_settings(self.params)
         p = self.params
@@ -244,7 +250,7 @@ def main(args=None) -> int:
         logger.error(f'error: bad ROS arguments: {exc}')
         return 1
     try:
-        node = CVGLNode()
+        node = CVGLNode(args)
     except TacoError as exc:
         logger.error(f'error: {exc}')
         rclpy.try_shutdown()

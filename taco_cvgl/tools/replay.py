@@ -19,6 +19,7 @@ import time
 from typing import Optional
 
 from taco_cvgl.errors import InputError
+from taco_cvgl.ros.params import split_ros_args
 from taco_cvgl.tools.common import reports_errors
 
 
@@ -31,26 +32,6 @@ def _parse_pairs(items: list, sep: str, what: str) -> dict:
             raise InputError(f'{what} {item!r} is not of the form A{sep}B')
         pairs[left] = right
     return pairs
-
-
-def split_ros_args(argv: list) -> tuple:
-    """
-    Split argv into (our arguments, ROS arguments: each --ros-args ... [--] section).
-
-    Only the --ros-args sections go to rclpy, so that our --remap FROM:=TO values are not taken
-    for (deprecated) bare ROS remapping rules.
-    """
-    own, ros, in_ros = [], [], False
-    for arg in argv:
-        if arg == '--ros-args':
-            in_ros = True
-            ros.append(arg)
-        elif in_ros and arg == '--':
-            in_ros = False
-            ros.append(arg)
-        else:
-            (ros if in_ros else own).append(arg)
-    return own, ros
 
 
 def build_parser() -> argparse.ArgumentParser:
