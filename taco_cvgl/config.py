@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -23,6 +25,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ('convnext_tiny',)
 POOLINGS = ('avg', 'gem')
 NORMALIZATIONS = ('imagenet', 'per_image')
+# Bounds that keep a config (a file's, perhaps a hostile one) from asking for terabytes: a
+# 16384 x 16384 head layer is 1 GiB in fp32, a 4096 x 4096 input 200 MB per image.
+MAX_WIDTH = 16384
+MAX_INPUT_PX = 4096
+MAX_GEM_P = 100.0
 
 
 def cache_dir_default() -> Path:
@@ -63,17 +70,17 @@ class ModelConfig:
             raise InputError(
                 f'model config: normalization {self.normalization!r} is not one of '
                 f'{NORMALIZATIONS}')
-        if self.embedding_dim < 1 or self.head_hidden_dim < 1:
-            raise InputError('model config: embedding_dim and head_hidden_dim must be positive')
-        if not 0.0 <= self.dropout < 1.0:
-            raise InputError(f'model config: dropout {self.dropout} must be in [0, 1)')
-        size = tuple(int(v) for v in self.input_size)
-        if len(size) != 2 or min(size) < 32:
-            raise InputError(f'model config: input_size {self.input_size} must be (h, w) >= 32')
+        for name in ('embedding_dim', 'head_hidden_dim'):
+            object.__setattr__(self, name, _whole(getattr(self, name), name, 1, MAX_WIDTH))
+        object.__setattr__(self, 'gem_p', _number(self.gem_p, 'gem_p', 1.0, MAX_GEM_P))
+        dropout = _number(self.dropout, 'dropout', 0.0, 1.0)
+        if dropout == 1.0:
+            raise InputError('model config: dropout 1.0 must be in [0, 1)')
+        object.__setattr__(self, 'dropout', dropout)
         # Lists arrive from JSON; keep the dataclass hashable and comparable.
-        object.__setattr__(self, 'input_size', size)
-        object.__setattr__(self, 'mean', tuple(float(v) for v in self.mean))
-        object.__setattr__(self, 'std', tuple(float(v) for v in self.std))
+        object.__setattr__(self, 'input_size', _input_size(self.input_size))
+        object.__setattr__(self, 'mean', _floats(self.mean, 'mean', 3, positive=False))
+        object.__setattr__(self, 'std', _floats(self.std, 'std', 3, positive=True))
 
     def to_dict(self) -> Dict[str, Any]:
         """Return a JSON-serialisable dict."""
@@ -86,8 +93,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> 'ModelConfig':
         """Build from a dict, refusing unknown keys with a clear message."""
+        if not isinstance(data, dict):
+            raise InputError(f'model config must be a mapping of field: value, not '
+                             f'{type(data).__name__}')
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise InputError(f'model config: unknown fields {unknown}; known are {sorted(known)}')
         return cls(**data)
@@ -95,12 +105,51 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> 'ModelConfig':
         """Parse the JSON written by `to_json`."""
+        if not isinstance(text, (str, bytes)):
+            raise InputError(f'model config must be JSON text, not {type(text).__name__}')
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:   # RecursionError: deeply nested input
             raise InputError(f'model config is not valid JSON: {exc}') from None
         return cls.from_dict(data)
 
     def digest(self) -> str:
         """Return a short hash of the config alone."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def _whole(value, name: str, low: int, high: int) -> int:
+    """Return value as an int in [low, high], or refuse it naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not low <= value <= high:
+        raise InputError(f'model config: {name} {value!r} must be a whole number in '
+                         f'[{low}, {high}]')
+    return int(value)
+
+
+def _number(value, name: str, low: float, high: float) -> float:
+    """Return value as a float in [low, high] (NaN is not), or refuse it naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not low <= value <= high:
+        raise InputError(f'model config: {name} {value!r} must be a number in [{low}, {high}]')
+    return float(value)
+
+
+def _input_size(value) -> Tuple[int, int]:
+    """Return (height, width) as ints in [32, MAX_INPUT_PX], from a tuple or a JSON list."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(items) != 2:
+        raise InputError(f'model config: input_size {value!r} must be (height, width)')
+    return tuple(_whole(v, 'input_size', 32, MAX_INPUT_PX) for v in items)
+
+
+def _floats(value, name: str, count: int, positive: bool) -> Tuple[float, ...]:
+    """Return `count` finite floats (positive ones where asked), or refuse naming the field."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else ()
+    good = len(items) == count and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        and (v > 0 or not positive) for v in items)
+    if not good:
+        kind = 'positive' if positive else 'finite'
+        raise InputError(f'model config: {name} {value!r} must be {count} {kind} numbers')
+    return tuple(float(v) for v in items)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
+import zipfile
 
 import numpy as np
 from taco_cvgl.atomic import atomic_path
 from taco_cvgl.config import ModelConfig
-from taco_cvgl.errors import InputError, MismatchError, TacoError
+from taco_cvgl.errors import first_line, InputError, MismatchError, TacoError
 from taco_cvgl.preprocess import prepare_batch
 import torch
 import torch.nn as nn
@@ -27,6 +27,8 @@ import torchvision
 
 BACKBONE_CHANNELS = {'convnext_tiny': 768}
 PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
+ZIP_MAGIC = b'PK\x03\x04'      # torch.save and Lightning checkpoints are zip archives
+CHECKPOINT_PREFIX = 'model.'    # RetrievalModule keeps the embedder at self.model
 
 
 class GeM(nn.Module):
@@ -84,8 +86,116 @@ def _load_state_file(path: Path) -> dict:
             return load_file(str(path))
         state = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as exc:
-        raise InputError(f'cannot read backbone weights {path}: {exc}') from None
-    return state.get('state_dict', state) if isinstance(state, dict) else state
+        raise InputError(f'cannot read backbone weights {path}: {first_line(exc)}') from None
+    state = state.get('state_dict', state) if isinstance(state, dict) else state
+    return _tensor_state(state, f'backbone weights {path}')
+
+
+def _tensor_state(state, what: str) -> Dict[str, torch.Tensor]:
+    """Return state when it is a dict of name -> tensor; else say what `what` holds instead."""
+    if not isinstance(state, dict):
+        raise InputError(f'{what}: a {type(state).__name__}, not a state dict of tensors')
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise InputError(f'{what}: entry {key!r} is a {type(value).__name__}, not a tensor')
+    return state
+
+
+def _weights_kind(path: Path) -> str:
+    """Tell a checkpoint (zip) from safetensors by their first bytes, whatever the file's name."""
+    try:
+        with open(path, 'rb') as handle:
+            head = handle.read(9)
+    except OSError as exc:
+        raise InputError(f'cannot read weights {path}: {exc.strerror or exc}') from None
+    if head.startswith(ZIP_MAGIC):
+        return 'checkpoint'
+    if len(head) == 9 and head[8:9] == b'{':     # 8-byte header length, then the JSON header
+        return 'safetensors'
+    raise InputError(f'weights {path} are neither taco_cvgl .safetensors weights nor a '
+                     f'checkpoint of taco-cvgl train ({len(head)} bytes at its start do not '
+                     f'match either; truncated or another format?)')
+
+
+def _check_archive(path: Path) -> None:
+    """
+    Refuse a checkpoint whose zip directory is missing (truncated) or declares more than it holds.
+
+    torch writes checkpoints uncompressed, so their contents cannot exceed the file: a larger
+    declared size is a damaged or hostile archive (a zip bomb) that must not be inflated.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(member.file_size for member in archive.infolist())
+    except Exception as exc:   # zipfile raises several types on a damaged directory
+        raise InputError(f'checkpoint {path} is not a complete zip archive '
+                         f'({first_line(exc)}): truncated or damaged?') from None
+    size = path.stat().st_size
+    if declared > size:
+        raise InputError(f'checkpoint {path} declares {declared} bytes of contents in a '
+                         f'{size}-byte file: damaged, refused')
+
+
+def read_checkpoint(path: Union[str, Path]) -> Tuple[ModelConfig, Dict[str, torch.Tensor], dict]:
+    """
+    Read a checkpoint of `taco-cvgl train`: return (model config, embedder state, checkpoint).
+
+    Without pickle (weights_only) and memory-mapped, so tensors are read only when used (an
+    optimiser state twice the model's size costs nothing here). Every way a file can fail is
+    an InputError naming it.
+    """
+    path = Path(path)
+    _check_archive(path)
+    try:
+        ckpt = _torch_load(path)
+    except Exception as exc:
+        raise InputError(f'cannot read checkpoint {path}: {first_line(exc)}') from None
+    hparams = ckpt.get('hyper_parameters') if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or 'model_config' not in hparams \
+            or not isinstance(ckpt.get('state_dict'), dict):
+        raise InputError(f'checkpoint {path} is not one of taco-cvgl train: it needs a '
+                         f'state_dict and a model_config hyper-parameter')
+    config = _stored_config(hparams['model_config'], f'checkpoint {path}')
+    state = _tensor_state(ckpt['state_dict'], f'checkpoint {path}')
+    state = {k[len(CHECKPOINT_PREFIX):]: v for k, v in state.items()
+             if k.startswith(CHECKPOINT_PREFIX)}
+    return config, state, ckpt
+
+
+def _torch_load(path: Path):
+    """torch.load without pickle, memory-mapped, also for a checkpoint named .safetensors."""
+    if path.suffix != '.safetensors':
+        return torch.load(str(path), map_location='cpu', weights_only=True, mmap=True)
+    with open(path, 'rb') as handle:   # given that name, torch.load would read safetensors
+        return torch.load(handle, map_location='cpu', weights_only=True)
+
+
+def _stored_config(value, what: str) -> ModelConfig:
+    """Return the ModelConfig a file stores (JSON text, or a mapping), its errors naming it."""
+    try:
+        return ModelConfig.from_dict(value) if isinstance(value, dict) \
+            else ModelConfig.from_json(value)
+    except InputError as exc:
+        raise InputError(f'{what}: {exc}') from None
+
+
+def _shapes(state: dict) -> Dict[str, Tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def _shape_difference(expected: dict, stored: dict) -> str:
+    """Say how stored tensor shapes differ from those a config makes ('' when they agree)."""
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        return f'{len(missing)} tensors missing, such as {missing[0]}'
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        return f'{len(extra)} unexpected tensors, such as {extra[0]}'
+    for name in sorted(expected):
+        if expected[name] != stored[name]:
+            return (f'{name} has shape {list(stored[name])}, the config makes '
+                    f'{list(expected[name])}')
+    return ''
 
 
 class ImageRetrievalModel(nn.Module):
@@ -260,24 +370,29 @@ class ImageRetrievalModel(nn.Module):
     @classmethod
     def load(cls, path: Union[str, Path], device: str = 'auto',
              precision: str = 'auto') -> 'ImageRetrievalModel':
-        """Load weights written by `save` (or a Lightning checkpoint) ready for inference."""
+        """
+        Load weights written by `save` (or a checkpoint of `taco-cvgl train`) for inference.
+
+        The format is read from the file's first bytes, not its name. A malformed, truncated or
+        hostile file is an InputError (or a MismatchError) naming it, raised before any memory
+        is allocated for a model larger than the file's tensors.
+        """
         path = Path(path)
         if not path.is_file():
             raise InputError(f'weights file not found: {path}')
-        if path.suffix == '.ckpt':
+        if _weights_kind(path) == 'checkpoint':
             return cls.load_from_checkpoint(path, device, precision)
         from safetensors import safe_open
-        try:
+        try:   # safetensors checks every tensor's declared size and offsets against the file
             with safe_open(str(path), framework='pt') as handle:
                 metadata = handle.metadata() or {}
                 state = {k: handle.get_tensor(k) for k in handle.keys()}
         except Exception as exc:
-            raise InputError(f'cannot read weights {path}: {exc} (is it a taco_cvgl '
+            raise InputError(f'cannot read weights {path}: {first_line(exc)} (is it a taco_cvgl '
                              f'.safetensors file, complete and not truncated?)') from None
         if 'config' not in metadata:
             raise InputError(f'weights {path} carry no taco_cvgl model config in their header')
-        model = cls(ModelConfig.from_json(metadata['config']))
-        model._load_state(state, path)
+        model = cls._fitted(_stored_config(metadata['config'], f'weights {path}'), state, path)
         fingerprint = model.fingerprint()
         if metadata.get('fingerprint') and metadata['fingerprint'] != fingerprint:
             raise MismatchError(f'weights {path} are corrupt: their fingerprint does not match')
@@ -288,24 +403,27 @@ class ImageRetrievalModel(nn.Module):
     def load_from_checkpoint(cls, path: Union[str, Path], device: str = 'auto',
                              precision: str = 'auto') -> 'ImageRetrievalModel':
         """Load the embedder from a Lightning checkpoint written by `taco-cvgl train`."""
-        path = Path(path)
-        try:
-            ckpt = torch.load(str(path), map_location='cpu', weights_only=True)
-        except Exception as exc:
-            raise InputError(f'cannot read checkpoint {path}: {exc}') from None
-        hparams = ckpt.get('hyper_parameters', {})
-        config_json = hparams.get('model_config')
-        if config_json is None:
-            raise InputError(f'checkpoint {path} has no model_config hyper-parameter; '
-                             f'was it written by taco-cvgl train?')
-        config = ModelConfig.from_json(config_json if isinstance(config_json, str)
-                                       else json.dumps(config_json))
-        prefix = 'model.'
-        state = {k[len(prefix):]: v for k, v in ckpt['state_dict'].items()
-                 if k.startswith(prefix)}
-        model = cls(config)
-        model._load_state(state, path)
-        return model.to_runtime(device, precision)
+        config, state, _ = read_checkpoint(path)
+        return cls._fitted(config, state, Path(path)).to_runtime(device, precision)
+
+    @classmethod
+    def _fitted(cls, config: ModelConfig, state: dict, path: Path) -> 'ImageRetrievalModel':
+        """
+        Build the model of `config` holding `state`, its shapes checked before any allocation.
+
+        The model is made on the meta device (no memory, no random init), so a config asking for
+        a model other than the file's tensors is refused before it costs anything; only then is
+        memory allocated, for exactly the tensors that the file holds, and filled from them.
+        """
+        with torch.device('meta'):
+            model = cls(config)
+        difference = _shape_difference(_shapes(model.state_dict()), _shapes(state))
+        if difference:
+            raise MismatchError(f'weights {path} do not fit the model in their config: '
+                                f'{difference}')
+        model = model.to_empty(device='cpu')
+        model._load_state(state, path)   # strict: every parameter and buffer is overwritten
+        return model
 
     def _load_state(self, state: dict, path: Path) -> None:
         state = {k: v.float() if v.dtype.is_floating_point else v for k, v in state.items()}

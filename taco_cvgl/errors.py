@@ -11,3 +11,9 @@ class InputError(TacoError):
 
 class MismatchError(TacoError):
     """A model and a database (or two configs) that must agree do not."""
+
+
+def first_line(exc: BaseException) -> str:
+    """Return the first line of an exception's message (its class name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__

@@ -50,7 +50,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from taco_cvgl.atomic import atomic_path
 from taco_cvgl.config import cache_dir_default
-from taco_cvgl.errors import InputError, TacoError
+from taco_cvgl.errors import first_line, InputError, TacoError
 from taco_cvgl.preprocess import image_to_tensor, normalize, prepare_batch, resize, to_rgb_array
 import torch
 import torch.nn as nn
@@ -415,7 +415,7 @@ class _Int8Cpu:
             fn = torch._inductor.aoti_load_package(str(self.path))
         except Exception as exc:  # noqa: B902 - a damaged or foreign package: compile again
             log.warning('int8 package %s cannot be loaded (%s); compiling it again',
-                        self.path, _first_line(exc))
+                        self.path, first_line(exc))
             return None
         self.from_cache = True
         return fn
@@ -738,7 +738,7 @@ class FastEmbedder:
                     self.fallback_reason = '; '.join(reasons)
                 return runner
             except Exception as exc:  # noqa: B902 - any failure of a backend means: next one
-                reason = f'{name}: {exc.__class__.__name__}: {_first_line(exc)}'
+                reason = f'{name}: {exc.__class__.__name__}: {first_line(exc)}'
                 reasons.append(reason)
                 log.warning('fast path %s unavailable, falling back (%s)', name, reason)
         if reasons:
@@ -831,11 +831,6 @@ class FastEmbedder:
                 'device': str(self.device), 'precision': self.precision,
                 'batch_sizes': list(self.batch_sizes), 'uint8_resize': self.uint8_resize,
                 'fallback_reason': self.fallback_reason}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ''
 
 
 def _same_shape_arrays(images: Sequence) -> bool:

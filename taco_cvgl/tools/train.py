@@ -19,12 +19,15 @@ import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 import warnings
 
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.errors import InputError, MismatchError
 from taco_cvgl.tools.common import reports_errors
 
 WEIGHTS_NAME = 'weights.safetensors'
 RUN_FILE = 'run.json'
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
+# What Lightning restores a run from, beyond the model: a weights-only file cannot resume.
+RESUME_STATE = {'optimizer_states': list, 'lr_schedulers': list, 'loops': dict}
 LIGHTNING_PRECISION = {'fp32': '32-true', 'bf16': 'bf16-mixed', 'fp16': '16-mixed'}
 
 
@@ -268,7 +271,28 @@ def _check_run_dir(out: Path, opts: TrainOptions, model_json: str) -> Optional[P
         if before != model_json:
             raise MismatchError(f'cannot resume {out}: its model was {before}, these options '
                                 f'make {model_json}')
-    return _latest_checkpoint(out) if opts.resume else None
+    return _resumable(_latest_checkpoint(out), model_json) if opts.resume else None
+
+
+def _resumable(checkpoint: Optional[Path], model_json: str) -> Optional[Path]:
+    """Return the checkpoint when a run can resume from it, checked before anything is written."""
+    if checkpoint is None:
+        return None
+    from taco_cvgl.embedder import read_checkpoint
+    hint = (f'move {checkpoint.name} out of {checkpoint.parent} to resume from an older '
+            f'checkpoint, or train into another --out')
+    try:
+        config, _, ckpt = read_checkpoint(checkpoint)
+    except InputError as exc:
+        raise InputError(f'cannot resume: {exc}; {hint}') from None
+    bad = [key for key, kind in RESUME_STATE.items() if not isinstance(ckpt.get(key), kind)]
+    if bad:
+        raise InputError(f'cannot resume from {checkpoint}: it holds no valid '
+                         f'{", ".join(bad)} (weights only?); {hint}')
+    if config.to_json() != model_json:
+        raise MismatchError(f'cannot resume from {checkpoint}: its model is {config.to_json()}, '
+                            f'these options make {model_json}')
+    return checkpoint
 
 
 def _write_run_file(out: Path, opts: TrainOptions, model_json: str,
@@ -278,10 +302,8 @@ def _write_run_file(out: Path, opts: TrainOptions, model_json: str,
     record = {'options': dataclasses.asdict(opts), 'model_config': model_json,
               'resumed_from': str(checkpoint) if checkpoint else None,
               'versions': {'torch': torch.__version__, 'lightning': lightning.__version__}}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f'.{RUN_FILE}.tmp'
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + '\n', encoding='utf-8')
-    os.replace(tmp, out / RUN_FILE)
+    with atomic_path(out / RUN_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + '\n', encoding='utf-8')
 
 
 # ------------------------------------------------------------------------------------ data
@@ -378,6 +400,7 @@ def _trainer(opts: TrainOptions, out: Path, callbacks: List, steps_per_epoch: in
              validate: bool):
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
+    from taco_cvgl.training.module import AtomicCheckpointIO
     accelerator, devices, precision = _hardware(opts)
     return L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=opts.num_nodes,
@@ -385,7 +408,8 @@ def _trainer(opts: TrainOptions, out: Path, callbacks: List, steps_per_epoch: in
         max_time=None if opts.max_minutes is None else dt.timedelta(minutes=opts.max_minutes),
         default_root_dir=str(out),
         logger=TensorBoardLogger(str(out), name='tb', version='', default_hp_metric=False),
-        callbacks=callbacks, check_val_every_n_epoch=opts.val_every,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        check_val_every_n_epoch=opts.val_every,
         limit_val_batches=1.0 if validate else 0, num_sanity_val_steps=2 if validate else 0,
         limit_train_batches=opts.limit_train_batches, enable_progress_bar=opts.progress,
         enable_model_summary=opts.progress,

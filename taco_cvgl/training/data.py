@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import lightning as L
 import numpy as np
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.database import ImageRecord
 from taco_cvgl.errors import InputError
@@ -89,19 +90,12 @@ def read_triplets(path, data_dir=None, skip_missing: bool = False) -> Tuple[List
 def write_triplets(triplets: Sequence[Triplet], out, data_dir) -> Path:
     """Write a triplet file atomically with paths relative to data_dir; return its path."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'w', newline='', encoding='utf-8') as handle:
-            writer = csv.writer(handle)
-            writer.writerow(TRIPLET_COLUMNS)
-            for t in triplets:
-                writer.writerow([os.path.relpath(p, data_dir)
-                                 for p in (t.anchor, t.positive, t.negative)] + [t.place_label])
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(out) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as handle:
+        writer = csv.writer(handle)
+        writer.writerow(TRIPLET_COLUMNS)
+        for t in triplets:
+            writer.writerow([os.path.relpath(p, data_dir)
+                             for p in (t.anchor, t.positive, t.negative)] + [t.place_label])
     return out
 
 

@@ -14,7 +14,9 @@ from typing import Dict, List, Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.plugins import TorchCheckpointIO
 import numpy as np
+from taco_cvgl.atomic import atomic_path
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.database import ImageRecord
 from taco_cvgl.embedder import ImageRetrievalModel
@@ -318,3 +320,20 @@ class RunProgressBar(TQDMProgressBar):
             left = int(pace * max(0, total - trainer.global_step))
             items['run_eta'] = f'{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}'
         return items
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """
+    Save checkpoints through `atomic_path`: beside their target, renamed into place when done.
+
+    Lightning's own writer stages each file in the system temp folder (fsspec's mkstemp) and
+    then moves it: an interrupted save leaves a partial checkpoint of hundreds of MB there,
+    and across file systems the move is a copy that a kill can cut short.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        """Write `checkpoint` to `path` atomically (storage_options: as Lightning's writer)."""
+        if storage_options is not None:   # Lightning's writer refuses them with a TypeError
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
