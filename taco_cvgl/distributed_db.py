@@ -231,7 +231,7 @@ def build_database_parallel(out, weights, records: Optional[Sequence[ImageRecord
                 return None
             db = merge_shards(shard_dir, records, trainer.world_size, model.config,
                               module.fingerprint, skip_bad, source, on_skip)
-            db.save(out, dtype=dtype)
+            db.save(out, dtype=dtype, weights=weights)
             return db
         finally:
             if shard_dir is not None:
@@ -246,6 +246,12 @@ def _check_records(records, plan: ParallelPlan, skip_bad: bool) -> None:
                          f'most one process per image (--devices x --num-nodes)')
 
 
+def check_count(flag: str, value) -> None:
+    """Refuse a count option (processes, batch size, ...) that is not a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f'{flag} must be a whole number of 1 or more, got {value!r}')
+
+
 def plan_processes(device: str = 'auto', precision: str = 'auto', devices: int = 1,
                    accelerator: str = 'auto', num_nodes: int = 1, strategy: str = 'auto',
                    workers: Optional[int] = None) -> Tuple[str, Optional[ParallelPlan]]:
@@ -255,10 +261,8 @@ def plan_processes(device: str = 'auto', precision: str = 'auto', devices: int =
     `device` (auto, cpu, cuda) and `accelerator` (auto, cpu, gpu) must not contradict each
     other. strategy 'auto' is 'ddp', or 'ddp_spawn' in an interactive Python session.
     """
-    for name, value in (('devices', devices), ('num_nodes', num_nodes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            flag = '--' + name.replace('_', '-')
-            raise InputError(f'{flag} must be a whole number of 1 or more, got {value!r}')
+    check_count('--devices', devices)
+    check_count('--num-nodes', num_nodes)
     if accelerator not in ('auto', 'cpu', 'gpu'):
         raise InputError(f"--accelerator must be 'auto', 'cpu' or 'gpu', got {accelerator!r}")
     if strategy not in ('auto', 'ddp', 'ddp_spawn'):

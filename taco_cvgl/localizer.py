@@ -204,6 +204,10 @@ class CVGLLocalizer:
         """Load a database built by the same model and build its search index."""
         db = EmbeddingDatabase.load(path)
         db.check_model(self._fingerprint, self.model.config, str(path))
+        if not (np.any(db.latitude != db.latitude[0]) or np.any(db.longitude != db.longitude[0])):
+            raise InputError(f'database {path} has a single place ({len(db)} entries there): a '
+                             f'fix needs other places to compare against (it would name that '
+                             f'place for any image); build the map from at least 2 places')
         index_device = str(self.model.device) if self.config.index in ('auto', 'exact') else 'cpu'
         self.index = make_index(db.embeddings, self.config.index, device=index_device,
                                 cache_prefix=str(path))

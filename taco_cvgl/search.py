@@ -6,6 +6,8 @@ similarity matrix never exceeds a few hundred MB. For databases of millions on a
 HNSW graph or IVF-PQ index answers in milliseconds; IVF-PQ also stores each vector in `pq_bytes`.
 Building one takes minutes for millions of entries, so `make_index` keeps it in a file beside the
 database (`cache_prefix`) and reuses it while the embeddings and the index options are the same.
+Its sidecar `<file>.json` records the embeddings' key and the file's size and sha256: a cache
+that does not match them, or that faiss cannot read, is built again (with a warning).
 """
 
 from __future__ import annotations
@@ -149,27 +151,45 @@ def _content_key(embeddings: np.ndarray, options: dict) -> str:
 
 
 def _read_cached(path: Path, key: str):
-    """Return the faiss index stored at path for this key, or None."""
+    """
+    Return the faiss index stored at path for this key, or None.
+
+    The file must have the size and sha256 its sidecar recorded when it was written: faiss
+    trusts the lengths inside the file, and a damaged one makes it allocate without bound or
+    fail deep inside. Anything else is a warning and a rebuild.
+    """
     import faiss
+    from taco_cvgl.demo.fetch import sha256_of
     sidecar = path.with_name(path.name + '.json')
     try:
-        if not path.is_file() or json.loads(sidecar.read_text()).get('key') != key:
+        if not path.is_file():
+            return None
+        record = json.loads(sidecar.read_text())
+        if not isinstance(record, dict) or record.get('key') != key:
+            return None
+        if record.get('size') != path.stat().st_size or record.get('sha256') != sha256_of(path):
+            log.warning('search index cache %s unreadable (its size or sha256 is not the one '
+                        'recorded in %s: damaged, or kept by an older version): building the '
+                        'index again', path, sidecar.name)
             return None
         return faiss.read_index(str(path))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         log.warning('search index cache %s unreadable (%s): building the index again', path, exc)
         return None
 
 
 def _write_cached(path: Path, key: str, index) -> None:
-    """Store the index and its key beside the database; warn and go on if that fails."""
+    """Store the index, and its key, size and digest, beside the database; warn if that fails."""
     import faiss
+    from taco_cvgl.demo.fetch import sha256_of
     sidecar = path.with_name(path.name + '.json')
     try:
         with atomic_path(path) as tmp:
             faiss.write_index(index, str(tmp))
+            record = {'key': key, 'entries': int(index.ntotal), 'size': tmp.stat().st_size,
+                      'sha256': sha256_of(tmp)}
         with atomic_path(sidecar) as tmp:
-            tmp.write_text(json.dumps({'key': key, 'entries': int(index.ntotal)}))
+            tmp.write_text(json.dumps(record))
     except (OSError, RuntimeError) as exc:
         log.warning('could not keep the search index in %s (%s): it is built again at the next '
                     'start', path, exc)

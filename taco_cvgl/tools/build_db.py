@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 import sys
-from typing import Optional
+from typing import Iterable, Optional
 
 from taco_cvgl.database import (build_database, EmbeddingDatabase, read_csv, records_from_bag,
                                 records_from_exif)
@@ -26,7 +27,8 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
 
     A bag's images (image_topic, raw or compressed) are tagged with the GPS position
     interpolated from gps_topic (NavSatFix) and kept as JPEG files in OUT.images/. Returns the
-    database as written. Nothing is written at `out` unless the whole build succeeds.
+    database as written. Nothing is written at `out` unless the whole build succeeds, and an
+    `out` that is one of the inputs, a folder or not writable is refused before any work.
 
     devices (per machine) x num_nodes > 1 spreads the embedding over that many processes with
     Lightning DDP (taco_cvgl.distributed_db): accelerator 'cpu' or 'gpu' ('auto' follows
@@ -35,11 +37,16 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
     processes per process. The merged database is the single-process one; only the process that
     wrote it gets it back, the others get None.
     """
-    from taco_cvgl.distributed_db import leads_launch, plan_processes
+    from taco_cvgl.distributed_db import check_count, leads_launch, plan_processes
+    out = Path(out)
+    check_count('--batch-size', batch_size)
+    check_count('--every', every)
+    _check_out(out, (weights, csv, bag), bag is not None)
     device, plan = plan_processes(device, precision, devices, accelerator, num_nodes, strategy,
                                   workers)
     if plan is None or leads_launch():
         records = _read_records(out, images, csv, bag, image_topic, gps_topic, every, progress)
+        _refuse_input(out, (r.path for r in records))
     else:   # a further process of a multi-process build: rank 0 sends it the records
         records = None
 
@@ -53,8 +60,47 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
     model = ImageRetrievalModel.load(weights, device, precision)
     db = build_database(model, records, batch_size=batch_size, skip_bad=skip_bad,
                         progress=progress, source=str(csv or images), on_skip=report_skip)
-    db.save(out, dtype=dtype)
+    try:
+        db.save(out, dtype=dtype, weights=weights)
+    except OSError as exc:
+        raise InputError(f'cannot write --out {out}: {exc.strerror or exc}; nothing was '
+                         f'written there') from None
     return db
+
+
+def _check_out(out: Path, inputs: Iterable, from_bag: bool) -> None:
+    """Refuse, before any work, an --out that would destroy an input or cannot be written."""
+    if out.is_dir():
+        raise InputError(f'--out {out} is a folder; give the database file to write, e.g. '
+                         f'{out / "map.npz"}')
+    _refuse_input(out, inputs)
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f'--out {out} cannot be written: {folder} is a file, not a folder')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f'--out {out} cannot be written: no permission to write in {folder}')
+    images = Path(f'{out}.images')
+    if from_bag and images.exists() and not images.is_dir():
+        raise InputError(f'--out {out}: the images of the bag go to {images}, a file; '
+                         f'move it or give another --out')
+
+
+def _refuse_input(out: Path, inputs: Iterable) -> None:
+    """Refuse an --out that is one of the inputs (the same file, however its path is spelt)."""
+    try:
+        target = os.stat(out)
+    except OSError:
+        return      # nothing there yet, so nothing to destroy
+    for path in inputs:
+        try:
+            same = path is not None and os.path.samestat(os.stat(path), target)
+        except OSError:
+            continue
+        if same:
+            raise InputError(f'--out {out} is the input {path}: writing the database there '
+                             f'would destroy it; give another --out')
 
 
 def _read_records(out, images, csv, bag, image_topic, gps_topic, every, progress):
