@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 from pathlib import Path
+import signal
 import sys
+import threading
 
 from taco_cvgl import settings
 from taco_cvgl.errors import TacoError
@@ -14,18 +17,47 @@ EXIT_USER_ERROR = 2
 
 
 def reports_errors(main):
-    """Wrap a `main(argv)` so a TacoError prints `taco-cvgl: error: ...` and exits with 2."""
+    """
+    Wrap a `main(argv)` so a TacoError prints `taco-cvgl: error: ...` and exits with 2.
+
+    While it runs, SIGTERM and SIGHUP (at their default, which ends the process on the spot)
+    raise SystemExit(128 + signal) instead, so `finally` blocks run: a command stopped mid-save
+    removes its temporary file (atomic_path) and the file it was replacing stays intact.
+    """
     @functools.wraps(main)
     def wrapper(argv=None):
-        try:
-            return main(argv)
-        except TacoError as exc:
-            print(f'taco-cvgl: error: {exc}', file=sys.stderr)
-            return EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            print('taco-cvgl: interrupted', file=sys.stderr)
-            return 130
+        with _stop_signals_raise():
+            try:
+                return main(argv)
+            except TacoError as exc:
+                print(f'taco-cvgl: error: {exc}', file=sys.stderr)
+                return EXIT_USER_ERROR
+            except KeyboardInterrupt:
+                print('taco-cvgl: interrupted', file=sys.stderr)
+                return 130
     return wrapper
+
+
+def _raise_exit(signum, frame):
+    print(f'taco-cvgl: stopped by {signal.Signals(signum).name}', file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """Turn SIGTERM/SIGHUP left at their default into SystemExit while the block runs."""
+    changed = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ('SIGTERM', 'SIGHUP'):
+            signum = getattr(signal, name, None)
+            if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:
+                changed[signum] = signal.signal(signum, _raise_exit)
+    try:
+        yield
+    finally:
+        for signum, previous in changed.items():
+            if signal.getsignal(signum) is _raise_exit:
+                signal.signal(signum, previous)
 
 
 def add_runtime_args(parser) -> None:
