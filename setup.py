@@ -13,7 +13,7 @@ setup(
     packages=find_packages(exclude=['test', 'test.*']),
     data_files=[
         ('share/ament_index/resource_index/packages', [f'resource/{PACKAGE}']),
-        (f'share/{PACKAGE}', ['package.xml']),
+        (f'share/{PACKAGE}', ['package.xml', 'LICENSE', 'CHANGELOG.rst']),
         (f'share/{PACKAGE}/launch', glob('launch/*.launch.py')),
         (f'share/{PACKAGE}/config', glob('config/*.yaml') + glob('config/*.xml')),
     ] + [(os.path.join(f'share/{PACKAGE}', os.path.dirname(p)), [p])

@@ -14,25 +14,47 @@ Launch arguments (name:=value):
   use_sim_time     true when replaying a bag with --clock
   use_shm_profile  true: set FASTDDS_DEFAULT_PROFILES_FILE to config/fastdds_shm.xml for the
                    processes this launch starts, so that full-size images cross processes
-                   through shared memory (Fast DDS only; see that file). The camera driver needs
-                   the same setting: launch it from here or export the variable.
+                   through shared memory (see that file). Only under Fast DDS (RMW_IMPLEMENTATION
+                   unset, rmw_fastrtps_cpp or rmw_fastrtps_dynamic_cpp), and never over a
+                   profile already set in the environment (taco_cvgl/ros/launch_env.py). The
+                   camera driver needs the same setting: launch it from here or export it.
   log_level        debug, info, warn or error
 """
 
+import os
+
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
-from launch.conditions import IfCondition
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
+from taco_cvgl.ros.launch_env import PROFILE_VARIABLE, shm_profile
 
 PACKAGE = 'taco_cvgl'
 
 
+def _true(context, name: str) -> bool:
+    """Return whether a launch argument says true."""
+    return LaunchConfiguration(name).perform(context).strip().lower() in ('true', '1', 'yes')
+
+
+def _profile(context):
+    """Set the Fast DDS shared-memory profile where it applies (see launch_env.shm_profile)."""
+    path = PathJoinSubstitution([FindPackageShare(PACKAGE), 'config', 'fastdds_shm.xml'])
+    # The environment launched processes get (an including launch file may have set the
+    # profile there); os.environ on launch versions without it.
+    environ = getattr(context, 'environment', os.environ)
+    profile, why = shm_profile(environ, _true(context, 'use_shm_profile'),
+                               path.perform(context))
+    actions = [LogInfo(msg=f'taco_cvgl: {why}')]
+    if profile is not None:
+        actions.append(SetEnvironmentVariable(PROFILE_VARIABLE, profile))
+    return actions
+
+
 def _node(context):
     """Return the node action, with weights/database overrides only where they were given."""
-    overrides = {'use_sim_time': LaunchConfiguration('use_sim_time').perform(context)
-                 .strip().lower() in ('true', '1', 'yes')}
+    overrides = {'use_sim_time': _true(context, 'use_sim_time')}
     for name in ('weights', 'database'):
         value = LaunchConfiguration(name).perform(context).strip()
         if value:
@@ -70,12 +92,10 @@ def generate_launch_description():
                               description='Use the /clock topic (bag replay)'),
         DeclareLaunchArgument('use_shm_profile', default_value='true',
                               description='Set FASTDDS_DEFAULT_PROFILES_FILE to '
-                                          'config/fastdds_shm.xml (large images over SHM)'),
+                                          'config/fastdds_shm.xml (large images over SHM) '
+                                          'under Fast DDS, unless already set'),
         DeclareLaunchArgument('log_level', default_value='info',
                               description='Logging level of the node'),
     ]
-    profile = SetEnvironmentVariable(
-        'FASTDDS_DEFAULT_PROFILES_FILE',
-        PathJoinSubstitution([share, 'config', 'fastdds_shm.xml']),
-        condition=IfCondition(LaunchConfiguration('use_shm_profile')))
-    return LaunchDescription(arguments + [profile, OpaqueFunction(function=_node)])
+    return LaunchDescription(arguments + [OpaqueFunction(function=_profile),
+                                          OpaqueFunction(function=_node)])

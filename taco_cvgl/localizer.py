@@ -214,14 +214,35 @@ class CVGLLocalizer:
         self.reranker = self._make_reranker(db, path) if self.config.rerank else None
         self.database = db
         self._origin = (float(np.mean(db.latitude)), float(np.mean(db.longitude)))
-        # The database's calibrated covariance scale multiplies the configured one, once here.
-        estimator = self.config.estimator
-        self._estimator = dataclasses.replace(
-            estimator, covariance_scale=estimator.covariance_scale
-            * float(db.meta.get('covariance_scale', 1.0)))
+        self._estimator = self._scaled_estimator(db)
         self._enu = to_enu(*self._origin, db.latitude, db.longitude)
         self.track.reset()
         return db
+
+    def _scaled_estimator(self, db: EmbeddingDatabase) -> EstimatorConfig:
+        """Return the estimator config with the database's calibrated covariance scale on top."""
+        estimator = self.config.estimator
+        return dataclasses.replace(estimator, covariance_scale=estimator.covariance_scale
+                                   * float(db.meta.get('covariance_scale', 1.0)))
+
+    def reconfigure(self, config: LocalizerConfig) -> None:
+        """
+        Apply new thresholds, verification and track settings without reloading the map.
+
+        What a running node changes at run time. The index and whether re-ranking runs are
+        built with the map: changing those needs load_map (InputError). The motion track keeps
+        its state under its new settings.
+        """
+        if config.index != self.config.index or (config.rerank is None) != (
+                self.config.rerank is None):
+            raise InputError('index and rerank on/off are set when the map is loaded: '
+                             'restart with the new values')
+        self.config = config
+        self.track.config = config.track_config()
+        if self.reranker is not None:
+            self.reranker.config = config.rerank
+        if self.database is not None:
+            self._estimator = self._scaled_estimator(self.database)
 
     def _make_reranker(self, db: EmbeddingDatabase, path) -> Reranker:
         from taco_cvgl.image_codec import load_image_file

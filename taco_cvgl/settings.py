@@ -27,16 +27,23 @@ from taco_cvgl.image_codec import MAX_IMAGE_PIXELS
 DEVICE_PATTERN = (re.compile(r'auto|cpu|cuda(:\d+)?'), 'auto, cpu, cuda or cuda:N')
 # Inference backends by name (`fastpath.py`).
 FAST_PATHS = ('off', 'auto', 'cuda_graph', 'compile', 'onnxruntime', 'jit', 'int8', 'eager')
+# How the params file and the parameter descriptors mark a setting the running node applies.
+RUNTIME_NOTE = ' Changeable at run time (ros2 param set).'
 # The default yaw range of one camera, in degrees: any mounting angle, written either way round.
 _YAW_LIMIT_DEG = 360.0
 
 
 def _param(description: str, low: Optional[float] = None, high: Optional[float] = None,
            choices: Tuple[str, ...] = (),
-           pattern: Optional[Tuple[re.Pattern, str]] = None) -> dict:
-    """Return a field's metadata: its description and the values it may take."""
+           pattern: Optional[Tuple[re.Pattern, str]] = None, runtime: bool = False) -> dict:
+    """
+    Return a field's metadata: its description and the values it may take.
+
+    runtime: whether the running node applies a new value (`ros2 param set`); the others are
+    read when the node starts (model, map, topics) and are read-only parameters.
+    """
     return {'description': description, 'low': low, 'high': high, 'choices': choices,
-            'pattern': pattern}
+            'pattern': pattern, 'runtime': runtime}
 
 
 def _field(default, description: str, **limits):
@@ -79,7 +86,7 @@ class NodeParams:
         (0.0,), 'Mounting yaw of each camera (same order as image_topics) relative to the '
         "robot's forward axis, degrees counter-clockwise seen from above (REP-103): 90.0 looks "
         "left. Turns the matched camera heading into the robot's heading.",
-        low=-_YAW_LIMIT_DEG, high=_YAW_LIMIT_DEG)
+        low=-_YAW_LIMIT_DEG, high=_YAW_LIMIT_DEG, runtime=True)
     image_transport: str = _field(
         'raw', 'raw: sensor_msgs/Image on each image topic; compressed: '
         'sensor_msgs/CompressedImage on <topic>/compressed (image_transport naming).',
@@ -89,7 +96,7 @@ class NodeParams:
         'claims it before anything is decoded; a bigger one is skipped as a bad message '
         '(oversized_messages in /diagnostics), so one small file claiming a huge size cannot '
         'exhaust memory. A 4K camera gives 8.3 MP, a large aerial tile 25 MP.',
-        low=1, high=150_000_000)
+        low=1, high=150_000_000, runtime=True)
     qos_reliability: str = _field(
         'best_effort', 'Reliability of the image subscriptions: best_effort (with volatile '
         'durability and qos_depth this is SensorDataQoS, which matches any camera driver) or '
@@ -98,11 +105,12 @@ class NodeParams:
         5, 'History depth of the image subscriptions (messages); the node only ever processes '
         'the newest frame of each camera.', low=1, high=100)
     top_k: int = _field(
-        10, 'Number of nearest database places the estimate is built from.', low=1, high=1000)
+        10, 'Number of nearest database places the estimate is built from.', low=1, high=1000,
+        runtime=True)
     min_confidence: float = _field(
         0.5, 'Confidence threshold in [0, 1]: the share of retrieval weight that must agree on '
         'one place for a fix; below it nothing is published (see publish_no_fix).',
-        low=0.0, high=1.0)
+        low=0.0, high=1.0, runtime=True)
     rerank: bool = _field(
         True, 'Check the best candidates geometrically (SIFT + RANSAC) and publish only verified '
         'fixes; needs the database images at the paths the database lists. false publishes '
@@ -110,42 +118,48 @@ class NodeParams:
         'than their covariance says: only for a map and weights evaluated together.')
     rerank_candidates: int = _field(
         10, 'Number of retrieved candidates checked geometrically when rerank is on.',
-        low=1, high=100)
+        low=1, high=100, runtime=True)
     rerank_acquisition_candidates: int = _field(
         0, 'Candidates checked while there is no recent verified fix (first lock or lock lost); '
-        '0 means rerank_candidates.', low=0, high=500)
+        '0 means rerank_candidates.', low=0, high=500, runtime=True)
     rerank_acquisition_min_inliers: int = _field(
         0, 'RANSAC inliers a candidate needs while there is no recent verified fix (first lock or '
         'lock lost); 0 means rerank_min_inliers. Stricter keeps a wide first search honest.',
-        low=0, high=1000)
+        low=0, high=1000, runtime=True)
     rerank_min_inliers: int = _field(
-        15, 'RANSAC inliers a candidate needs to count as verified.', low=4, high=1000)
+        15, 'RANSAC inliers a candidate needs to count as verified.', low=4, high=1000,
+        runtime=True)
     prior_radius_m: float = _field(
         0.0, 'Motion prior (needs rerank): a constant-velocity track over the verified fixes '
         'predicts the position; the places within this many metres of it (more as the '
         'prediction grows uncertain) are checked too, and candidates are ranked with it; '
-        '0 disables it.', low=0.0, high=1e6)
+        '0 disables it.', low=0.0, high=1e6, runtime=True)
     prior_max_age_s: float = _field(
         30.0, 'The motion prior predicts at most this many seconds (image time) past the last '
-        'verified fix.', low=0.0, high=1e5)
+        'verified fix.', low=0.0, high=1e5, runtime=True)
     prior_candidates: int = _field(
         10, 'Motion prior: at most this many places around the predicted position are checked '
-        'per frame (nearest first).', low=0, high=500)
+        'per frame (nearest first).', low=0, high=500, runtime=True)
     track_speed_sigma_mps: float = _field(
         10.0, "Motion prior: uncertainty (1 sigma, m/s) of the platform's speed when a track "
-        'starts, before a second fix measures it.', low=0.0, high=1000.0)
+        'starts, before a second fix measures it.', low=0.0, high=1000.0, runtime=True)
     track_accel_sigma_mps2: float = _field(
         1.0, 'Motion prior: white acceleration noise (1 sigma, m/s^2) between fixes: how hard '
-        'the platform manoeuvres.', low=0.0, high=100.0)
+        'the platform manoeuvres.', low=0.0, high=100.0, runtime=True)
     publish_no_fix: bool = _field(
         False, 'Below min_confidence, publish a NavSatFix with status NO_FIX (and NaN position) '
-        'instead of nothing.')
+        'instead of nothing.', runtime=True)
     fix_topic: str = _field(
         'cvgl/fix',
         'Output sensor_msgs/NavSatFix topic (for robot_localization navsat_transform).')
     geopose_topic: str = _field(
         'cvgl/geopose', 'Output geographic_msgs/GeoPoseWithCovarianceStamped topic (position and '
         'heading). Not published where geographic_msgs is not installed.')
+    imu_topic: str = _field(
+        '', 'Output sensor_msgs/Imu topic carrying only the heading of each fix that has one '
+        '(ENU yaw, REP-103; roll and pitch with a huge variance, angular velocity and linear '
+        'acceleration marked absent), stamped and framed as the NavSatFix: robot_localization '
+        "navsat_transform's imu input. Empty: not published.")
     frame_id: str = _field(
         'base_link', 'header.frame_id of the NavSatFix: the frame the fix describes. The camera '
         "yaws are applied, so this is the robot's body frame; navsat_transform looks up its "
@@ -155,13 +169,14 @@ class NodeParams:
     altitude_fallback_m: float = _field(
         0.0, 'Altitude in metres above the WGS84 ellipsoid published when the database holds '
         'none (a NavSatFix altitude is never NaN: navsat_transform drops such fixes).',
-        low=-1000.0, high=10000.0)
+        low=-1000.0, high=10000.0, runtime=True)
     altitude_sigma_m: float = _field(
         100.0, 'Standard deviation in metres given to altitude_fallback_m.', low=0.01,
-        high=100000.0)
+        high=100000.0, runtime=True)
     max_rate_hz: float = _field(
         0.0, 'Most localizations (batches of all cameras) per second; 0.0 means as fast as the '
-        'model runs. Frames arriving in between are dropped, never queued.', low=0.0, high=1000.0)
+        'model runs. Frames arriving in between are dropped, never queued.', low=0.0, high=1000.0,
+        runtime=True)
     diagnostics_period_s: float = _field(
         1.0, 'Period of the diagnostic_msgs/DiagnosticArray published on /diagnostics (s).',
         low=0.1, high=60.0)
@@ -272,6 +287,7 @@ def defaults_yaml(params: Optional[NodeParams] = None) -> str:
         limits = describe_limits(field)
         if limits:
             text += f' Allowed: {limits}.'
+        text += RUNTIME_NOTE if field.metadata['runtime'] else ''
         lines.extend(_wrap_comment(text, '    # '))
         if isinstance(value, list):
             rendered = '[' + ', '.join(_yaml_scalar(v) for v in value) + ']'

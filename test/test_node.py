@@ -525,7 +525,10 @@ def test_running_node_declares_the_params_file(system):
     assert extra <= {'use_sim_time', 'start_type_description_service'}, extra
     described = listener.call(DescribeParameters, '/cvgl_a/describe_parameters',
                               DescribeParameters.Request(names=table)).descriptors
-    assert all(d.description and d.read_only for d in described)
+    assert all(d.description for d in described)
+    read_only = {d.name for d in described if d.read_only}
+    assert {'weights', 'database', 'image_topics'} <= read_only
+    assert not {'min_confidence', 'top_k', 'publish_no_fix'} & read_only  # ros2 param set
     got = listener.call(GetParameters, '/cvgl_a/get_parameters',
                         GetParameters.Request(names=['top_k', 'camera_yaws_deg'])).values
     assert got[0].integer_value == 1

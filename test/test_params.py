@@ -66,7 +66,17 @@ def test_params_file_declares_defaults_with_descriptions_and_ranges():
     for field in dataclasses.fields(params.NodeParams):
         d = by_name[field.name]
         assert len(d.description) > 20, field.name
-        assert d.read_only, field.name
+        # Read-only exactly where the table says the running node cannot apply a change, and
+        # the constraints say which.
+        assert d.read_only is not field.metadata['runtime'], field.name
+        assert ('restart the node' in d.additional_constraints) is d.read_only, field.name
+    # What needs a reload (model, map, topics, device) is read-only; thresholds are not.
+    for name in ('weights', 'database', 'device', 'fast_path', 'index', 'rerank',
+                 'image_topics', 'fix_topic', 'imu_topic', 'qos_depth'):
+        assert by_name[name].read_only, name
+    for name in ('min_confidence', 'top_k', 'publish_no_fix', 'max_rate_hz',
+                 'rerank_min_inliers', 'prior_radius_m', 'track_accel_sigma_mps2'):
+        assert not by_name[name].read_only, name
     assert (by_name['top_k'].integer_range[0].from_value,
             by_name['top_k'].integer_range[0].to_value) == (1, 1000)
     assert by_name['min_confidence'].floating_point_range[0].to_value == 1.0
@@ -121,6 +131,48 @@ def test_validation_without_ros():
         params.NodeParams().require_files()
     with pytest.raises(InputError, match='parameter max_rate_hz'):
         params.NodeParams(max_rate_hz=float('nan'))
+
+
+def test_run_time_updates_are_checked_like_start_values():
+    """A change keeps the other values; read-only, out-of-range and unsafe ones are refused."""
+    from rclpy.parameter import Parameter
+
+    base = params.NodeParams(rerank=False, top_k=3)
+    new = params.updated(base, [Parameter('min_confidence', value=0.9),
+                                Parameter('camera_yaws_deg', value=[45.0]),
+                                Parameter('use_sim_time', value=True)])  # rclpy's own: ignored
+    assert (new.min_confidence, new.camera_yaws_deg, new.top_k) == (0.9, (45.0,), 3)
+    assert base.min_confidence == 0.5  # the running values are not touched
+    refused = [
+        (Parameter('weights', value='/other.safetensors'), 'weights: read only at start'),
+        (Parameter('min_confidence', value=2.0), r'min_confidence: 2.0 is not allowed'),
+        (Parameter('camera_yaws_deg', value=[0.0, 9.0]), 'camera_yaws_deg: 2 value'),
+        # The motion prior needs the geometric check, which this node was started without.
+        (Parameter('prior_radius_m', value=50.0), 'needs re-ranking'),
+    ]
+    for parameter, message in refused:
+        with pytest.raises(InputError, match=message):
+            params.updated(base, [parameter])
+
+
+@pytest.mark.parametrize('environ, wanted, sets', [
+    ({}, True, True),                                              # default RMW: Fast DDS
+    ({'RMW_IMPLEMENTATION': 'rmw_fastrtps_cpp'}, True, True),
+    ({'RMW_IMPLEMENTATION': 'rmw_fastrtps_dynamic_cpp'}, True, True),
+    ({'RMW_IMPLEMENTATION': 'rmw_cyclonedds_cpp'}, True, False),   # another middleware
+    ({'RMW_IMPLEMENTATION': 'rmw_zenoh_cpp'}, True, False),
+    ({'FASTDDS_DEFAULT_PROFILES_FILE': '/robot/dds.xml'}, True, False),  # the user's own
+    ({'FASTRTPS_DEFAULT_PROFILES_FILE': '/robot/dds.xml'}, True, False),  # its former name
+    ({}, False, False),                                            # use_shm_profile:=false
+])
+def test_launch_sets_the_shm_profile_only_where_it_applies(environ, wanted, sets):
+    """The launch file's decision: Fast DDS only, and never over a profile already set."""
+    from taco_cvgl.ros.launch_env import shm_profile
+
+    profile, why = shm_profile(environ, wanted, '/share/fastdds_shm.xml')
+    assert profile == ('/share/fastdds_shm.xml' if sets else None)
+    for value in environ.values() if not sets else ():
+        assert value in why  # the log line names what kept the profile out
 
 
 LAUNCH = ROOT / 'launch' / 'cvgl.launch.py'

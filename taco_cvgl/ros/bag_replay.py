@@ -4,7 +4,8 @@ Play a rosbag2 into live ROS topics, and record live topics into a rosbag2.
 Both move serialized (CDR) bytes without deserializing them: rclpy publishes ``bytes`` as they
 are, and a subscription created with ``raw=True`` hands over the bytes it received. The message
 class is needed only to tell the middleware the type, so any type whose Python message package
-is installed can be replayed and recorded.
+is installed can be replayed and recorded. With a clock rate, the player also publishes /clock
+with the bag's time, as `ros2 bag play --clock` does, so nodes with use_sim_time follow the bag.
 """
 
 from __future__ import annotations
@@ -69,24 +70,74 @@ def qos_profile(qos: str | QoSProfile) -> QoSProfile:
     raise InputError(f'unknown QoS {qos!r}; use reliable or best_effort')
 
 
-def _sleep_until(target: float, deadline: float | None, context: Any) -> bool:
-    """Sleep until monotonic time target; return False when stopped (deadline, shutdown)."""
+def _sleep_until(target: float, deadline: float | None, context: Any,
+                 clock: BagClock | None = None) -> bool:
+    """
+    Sleep until monotonic time target; return False when stopped (deadline, shutdown).
+
+    A clock publishes the bag's time at its rate meanwhile.
+    """
+    slice_s = _SLEEP_SLICE_S if clock is None else min(_SLEEP_SLICE_S, clock.period_s)
     while True:
         if not context.ok():
             return False
         now = time.monotonic()
+        if clock is not None:
+            clock.tick(now)
         if deadline is not None and now >= deadline:
             return False
         if now >= target:
             return True
         wake = target if deadline is None else min(target, deadline)
-        time.sleep(min(_SLEEP_SLICE_S, max(0.0, wake - now)))
+        time.sleep(min(slice_s, max(0.0, wake - now)))
+
+
+class BagClock:
+    """
+    Publish /clock (rosgraph_msgs/Clock) with the bag's playback time, at a fixed rate.
+
+    As `ros2 bag play --clock`: the time a message is published is its log time, and between
+    messages the clock runs on from the last one at the playback rate. Each message's own time
+    goes out just before it, so a node with use_sim_time never receives a message from its
+    future.
+    """
+
+    def __init__(self, node: Node, hz: float) -> None:
+        """Create the /clock publisher (reliable: it matches best-effort time sources too)."""
+        from rosgraph_msgs.msg import Clock
+
+        if not hz > 0:
+            raise InputError(f'clock rate must be > 0 Hz, got {hz}')
+        self._msg = Clock()
+        self._publisher = node.create_publisher(Clock, '/clock', 10)
+        self.period_s = 1.0 / hz
+        self._anchor: tuple[float, int, float] | None = None  # monotonic s, bag ns, rate
+        self._next_s = 0.0
+
+    def publish(self, bag_ns: int, now: float, rate: float) -> None:
+        """Publish bag time bag_ns now, and run on from it at rate (<= 0: hold it)."""
+        self._anchor = (now, int(bag_ns), rate)
+        self._send(int(bag_ns))
+        self._next_s = now + self.period_s
+
+    def tick(self, now: float) -> None:
+        """Publish the running bag time when a period has passed since the last /clock."""
+        if self._anchor is None or now < self._next_s:
+            return
+        start, bag_ns, rate = self._anchor
+        self._send(bag_ns + int((now - start) * rate * 1e9) if rate > 0 else bag_ns)
+        self._next_s = now + self.period_s
+
+    def _send(self, bag_ns: int) -> None:
+        self._msg.clock.sec, self._msg.clock.nanosec = divmod(bag_ns, 10**9)
+        self._publisher.publish(self._msg)
 
 
 def replay(bag_path: str | os.PathLike, rate: float = 1.0, topics: Iterable[str] | None = None,
            loop: bool = False, qos: str | QoSProfile = 'reliable',
            remap: Mapping[str, str] | None = None, start_delay_s: float = 0.5,
-           node: Node | None = None, duration_s: float | None = None) -> int:
+           node: Node | None = None, duration_s: float | None = None,
+           clock_hz: float | None = None) -> int:
     """
     Publish a bag's messages on live topics following its log times; return how many.
 
@@ -96,7 +147,8 @@ def replay(bag_path: str | os.PathLike, rate: float = 1.0, topics: Iterable[str]
     the first message. ``loop`` restarts at the end until shutdown or ``duration_s`` (seconds
     of wall time, None: no limit). Without ``node`` a node is created (initialising rclpy if
     needed) and destroyed afterwards. Topics whose message package is not installed are
-    skipped with a warning naming them.
+    skipped with a warning naming them. ``clock_hz`` publishes /clock with the bag's time at
+    that rate (see :class:`BagClock`); None: no /clock.
     """
     own_init = node is None and not rclpy.ok()
     if own_init:
@@ -105,7 +157,8 @@ def replay(bag_path: str | os.PathLike, rate: float = 1.0, topics: Iterable[str]
     if node is None:
         node = rclpy.create_node('taco_cvgl_replay')
     try:
-        player = BagPlayer(node, bag_path, topics=topics, qos=qos, remap=remap)
+        player = BagPlayer(node, bag_path, topics=topics, qos=qos, remap=remap,
+                           clock_hz=clock_hz)
         return player.play(rate=rate, loop=loop, start_delay_s=start_delay_s,
                            duration_s=duration_s)
     finally:
@@ -125,8 +178,8 @@ class BagPlayer:
 
     def __init__(self, node: Node, bag_path: str | os.PathLike,
                  topics: Iterable[str] | None = None, qos: str | QoSProfile = 'reliable',
-                 remap: Mapping[str, str] | None = None) -> None:
-        """Check the topics and create one publisher per topic (see :func:`replay`)."""
+                 remap: Mapping[str, str] | None = None, clock_hz: float | None = None) -> None:
+        """Check the topics and create one publisher per topic (and /clock, see :func:`replay`)."""
         self.node = node
         self.bag_path = bag_path
         self.published = 0
@@ -151,6 +204,7 @@ class BagPlayer:
         if not self.publishers:
             raise InputError(f'bag {bag_path}: none of the topics to replay has an installed '
                              f'message type ({", ".join(self.not_installed)})')
+        self.clock = None if clock_hz is None else BagClock(node, clock_hz)
 
     def play(self, rate: float = 1.0, loop: bool = False, start_delay_s: float = 0.5,
              duration_s: float | None = None) -> int:
@@ -158,7 +212,9 @@ class BagPlayer:
         context = self.node.context
         start = time.monotonic()
         deadline = None if duration_s is None else start + duration_s
-        if not _sleep_until(start + max(0.0, start_delay_s), deadline, context):
+        if self.clock is not None:  # held at the bag's start during the delay, as ros2 bag play
+            self.clock.publish(self._first_log_ns(), start, 0.0)
+        if not _sleep_until(start + max(0.0, start_delay_s), deadline, context, self.clock):
             return self.published
         while True:
             first_log_ns = None
@@ -169,13 +225,23 @@ class BagPlayer:
                     first_log_ns, pass_start = log_ns, time.monotonic()
                 # Absolute targets: time spent reading and publishing does not accumulate.
                 target = pass_start + (log_ns - first_log_ns) / 1e9 / rate if rate > 0 else 0.0
-                if not _sleep_until(target, deadline, context):
+                if not _sleep_until(target, deadline, context, self.clock):
                     return self.published
+                if self.clock is not None:
+                    self.clock.publish(log_ns, time.monotonic(), rate)
                 self.publishers[topic].publish(data)
                 self.published += 1
             if not loop or first_log_ns is None:
                 self.wait_for_acks()
                 return self.published
+
+    def _first_log_ns(self) -> int:
+        """Return the log time of the first message played (0 for an empty bag)."""
+        messages = bags.iter_raw(self.bag_path, list(self.publishers))
+        try:
+            return next((log_ns for _, _, log_ns, _ in messages), 0)
+        finally:
+            messages.close()
 
     def wait_for_acks(self, timeout_s: float = ACK_TIMEOUT_S) -> bool:
         """

@@ -11,16 +11,17 @@ Conventions:
   rad^2, as consumers such as Autoware's geo_pose_projector read it (they copy it into a
   map-frame PoseWithCovariance). Roll and pitch are not observed: they get UNKNOWN_ANGLE_VARIANCE,
   and so does yaw when the database holds no headings.
+- Imu (optional): the same ENU yaw and yaw variance, orientation only (see heading_imu).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
-from sensor_msgs.msg import NavSatFix, NavSatStatus
+from sensor_msgs.msg import Imu, NavSatFix, NavSatStatus
 from taco_cvgl.geodesy import heading_to_enu_yaw, yaw_to_quaternion
 
 # Variance (rad^2) of an angle the node does not observe: far beyond (2 pi)^2, so any filter
@@ -88,10 +89,28 @@ def geopose_covariance(position_covariance, heading_variance: float) -> np.ndarr
     enu = np.asarray(position_covariance, dtype=float).reshape(3, 3)
     covariance[:3, :3] = ENU_TO_LAT_LON_ALT @ enu @ ENU_TO_LAT_LON_ALT.T
     covariance[3, 3] = covariance[4, 4] = UNKNOWN_ANGLE_VARIANCE
-    known = math.isfinite(heading_variance)
-    covariance[5, 5] = min(heading_variance, UNKNOWN_ANGLE_VARIANCE) if known \
-        else UNKNOWN_ANGLE_VARIANCE
+    covariance[5, 5] = yaw_variance(heading_variance)
     return covariance
+
+
+def yaw_variance(heading_variance: float) -> float:
+    """Return the yaw variance to publish (rad^2): UNKNOWN_ANGLE_VARIANCE at most, or if NaN."""
+    if not math.isfinite(heading_variance):
+        return UNKNOWN_ANGLE_VARIANCE
+    return min(heading_variance, UNKNOWN_ANGLE_VARIANCE)
+
+
+def enu_orientation(measurement) -> Tuple[Tuple[float, float, float, float], float]:
+    """
+    Return the (x, y, z, w) quaternion of a measurement's ENU yaw and the yaw's variance.
+
+    The heading (degrees clockwise from north) becomes a yaw counter-clockwise from east; an
+    unknown heading gives the identity with UNKNOWN_ANGLE_VARIANCE.
+    """
+    if not math.isfinite(measurement.heading):
+        return (0.0, 0.0, 0.0, 1.0), UNKNOWN_ANGLE_VARIANCE
+    quaternion = yaw_to_quaternion(heading_to_enu_yaw(measurement.heading))
+    return tuple(float(v) for v in quaternion), yaw_variance(measurement.heading_variance)
 
 
 def geopose(measurement, stamp, frame_id: str, msg_type, altitude_fallback_m: float = 0.0,
@@ -108,13 +127,32 @@ def geopose(measurement, stamp, frame_id: str, msg_type, altitude_fallback_m: fl
     msg.pose.pose.position.latitude = fix.latitude
     msg.pose.pose.position.longitude = fix.longitude
     msg.pose.pose.position.altitude = fix.altitude
-    heading_known = math.isfinite(measurement.heading)
-    yaw = heading_to_enu_yaw(measurement.heading) if heading_known else 0.0
     q = msg.pose.pose.orientation
-    q.x, q.y, q.z, q.w = yaw_to_quaternion(yaw)
-    variance = measurement.heading_variance if heading_known else math.inf
+    (q.x, q.y, q.z, q.w), variance = enu_orientation(measurement)
     covariance = geopose_covariance(np.reshape(fix.position_covariance, (3, 3)), variance)
     msg.pose.covariance = [float(v) for v in covariance.reshape(-1)]
+    return msg
+
+
+def heading_imu(measurement, stamp, frame_id: str) -> Optional[Imu]:
+    """
+    Return an orientation-only Imu of a fix's heading; None without a fix or a heading.
+
+    For robot_localization (navsat_transform's imu input, or an EKF fusing yaw only): roll and
+    pitch get UNKNOWN_ANGLE_VARIANCE, and -1 in element 0 of the angular velocity and linear
+    acceleration covariances marks those fields absent, as sensor_msgs/Imu defines.
+    """
+    if not measurement.fix or not math.isfinite(measurement.heading):
+        return None
+    msg = Imu()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    q = msg.orientation
+    (q.x, q.y, q.z, q.w), variance = enu_orientation(measurement)
+    msg.orientation_covariance = [float(v) for v in np.diag(
+        [UNKNOWN_ANGLE_VARIANCE, UNKNOWN_ANGLE_VARIANCE, variance]).reshape(-1)]
+    msg.angular_velocity_covariance[0] = -1.0
+    msg.linear_acceleration_covariance[0] = -1.0
     return msg
 
 

@@ -5,8 +5,14 @@ Subscriptions only store the newest message of each camera (overwriting one not 
 counts as a dropped frame), so the node never builds a queue when the model is slower than the
 cameras. A worker thread takes the newest frame of every camera that has one, decodes them,
 localizes them in one batch on the device and publishes, stamped with each image's time:
-sensor_msgs/NavSatFix and geographic_msgs/GeoPoseWithCovarianceStamped, plus
-diagnostic_msgs/DiagnosticArray on /diagnostics.
+sensor_msgs/NavSatFix and geographic_msgs/GeoPoseWithCovarianceStamped (and, with imu_topic, an
+orientation-only sensor_msgs/Imu of the heading), plus diagnostic_msgs/DiagnosticArray on
+/diagnostics.
+
+Thresholds, verification and track settings change at run time (`ros2 param set`; the table in
+taco_cvgl/settings.py marks them): the callback checks a change and the worker applies it
+between batches, as it does `~/reset_track` (std_srvs/Trigger), which forgets the motion track
+(after the robot was carried elsewhere).
 
 Run: ros2 run taco_cvgl cvgl_node --ros-args --params-file config/cvgl.yaml -p weights:=W
 -p database:=D (or python -m taco_cvgl.ros.node ...). Parameters: taco_cvgl/ros/params.py.
@@ -21,16 +27,18 @@ import time
 from typing import List, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image, NavSatFix
-from taco_cvgl.errors import TacoError
+from sensor_msgs.msg import CompressedImage, Image, Imu, NavSatFix
+from taco_cvgl.errors import InputError, TacoError
 from taco_cvgl.image_codec import decode_msg, OversizedImageError
 from taco_cvgl.ros import messages
-from taco_cvgl.ros.params import declare
+from taco_cvgl.ros.params import declare, updated
+from taco_cvgl.settings import localizer_config, NodeParams
 
 NODE_NAME = 'cvgl_node'
 WARN_THROTTLE_S = 5.0  # at most one warning of a kind per this many seconds
@@ -93,6 +101,7 @@ class CVGLNode(Node):
         self._fix_pub = self.create_publisher(NavSatFix, p.fix_topic, 10)
         self._geopose_pub = (self.create_publisher(self._geopose_type, p.geopose_topic, 10)
                              if self._geopose_type else None)
+        self._imu_pub = self.create_publisher(Imu, p.imu_topic, 10) if p.imu_topic else None
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         qos = QoSProfile(depth=p.qos_depth, history=HistoryPolicy.KEEP_LAST,
                          durability=DurabilityPolicy.VOLATILE,
@@ -103,6 +112,10 @@ class CVGLNode(Node):
                         for t in p.image_topics]
         self._cond = threading.Condition()
         self._latest: List[Optional[tuple]] = [None] * len(self._topics)
+        self._pending: Optional[NodeParams] = None  # checked run-time changes, for the worker
+        self._reset_requested = False
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._create_reset_service()
         self._counters = Counters()
         self._reported = (time.monotonic(), Counters())
         for index, topic in enumerate(self._topics):
@@ -120,7 +133,62 @@ class CVGLNode(Node):
         self.get_logger().info(
             f'ready: {len(self.localizer.database)} places, model on {model.device} '
             f'({model.precision}, fast path {self._fast_path()}), cameras {self._topics}, '
-            f'publishing {p.fix_topic}' + (f' and {p.geopose_topic}' if self._geopose_pub else ''))
+            f'publishing {p.fix_topic}' + (f' and {p.geopose_topic}' if self._geopose_pub else '')
+            + (f' and {p.imu_topic}' if self._imu_pub else ''))
+
+    def _create_reset_service(self) -> None:
+        """Offer ~/reset_track where std_srvs is installed; warn and go without it elsewhere."""
+        try:
+            from std_srvs.srv import Trigger
+        except ImportError:
+            self.get_logger().warning(
+                'std_srvs is not installed: no ~/reset_track service (install '
+                'ros-$ROS_DISTRO-std-srvs)')
+            return
+        self.create_service(Trigger, '~/reset_track', self._on_reset_track)
+
+    def _on_reset_track(self, request, response):
+        """Ask the worker to forget the motion track before its next batch."""
+        with self._cond:
+            self._reset_requested = True
+            self._cond.notify()
+        response.success = True
+        response.message = 'motion track reset: the next verified fix starts a new one'
+        return response
+
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        """Check a run-time change against the table; the worker applies it between batches."""
+        with self._cond:
+            base = self._pending or self.params
+        try:
+            new = updated(base, parameters)
+        except InputError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        with self._cond:
+            self._pending = new
+            self._cond.notify()
+        return SetParametersResult(successful=True)
+
+    def _apply_pending(self) -> None:
+        """
+        Apply checked parameter changes and a track reset (worker thread, between batches).
+
+        Under the lock, so that a change checked meanwhile builds on these values.
+        """
+        with self._cond:
+            params, self._pending = self._pending, None
+            reset, self._reset_requested = self._reset_requested, False
+            if params is not None:
+                self.localizer.reconfigure(localizer_config(params))
+                changed = [f'{name}={value}' for name, value in dataclasses.asdict(params).items()
+                           if value != getattr(self.params, name)]
+                self.params = params
+            if reset:
+                self.localizer.track.reset()
+        if params is not None:
+            self.get_logger().info(f'parameters changed: {", ".join(changed) or "none"}')
+        if reset:
+            self.get_logger().info('motion track reset')
 
     def _fast_path(self) -> str:
         """Return the inference backend in use: 'off' (eager model) or the fast path's name."""
@@ -147,14 +215,18 @@ class CVGLNode(Node):
     # ------------------------------------------------------------------ worker side
     def _run(self) -> None:
         """Take the newest frame of each camera, localize them as one batch, repeat."""
-        min_interval = 1.0 / self.params.max_rate_hz if self.params.max_rate_hz > 0 else 0.0
         while not self._stop.is_set():
             with self._cond:
-                self._cond.wait_for(lambda: self._stop.is_set() or any(self._latest), 0.5)
+                self._cond.wait_for(lambda: self._stop.is_set() or any(self._latest)
+                                    or self._pending is not None or self._reset_requested, 0.5)
+            self._apply_pending()
+            with self._cond:
                 frames = [(i, f) for i, f in enumerate(self._latest) if f is not None]
                 self._latest = [None] * len(self._latest)
             if not frames:
                 continue
+            rate = self.params.max_rate_hz
+            min_interval = 1.0 / rate if rate > 0 else 0.0
             started = time.monotonic()
             try:
                 self._process(frames)
@@ -203,8 +275,17 @@ class CVGLNode(Node):
             self._geopose_pub.publish(messages.geopose(
                 measurement, stamp, p.geopose_frame_id, self._geopose_type,
                 p.altitude_fallback_m, p.altitude_sigma_m))
+        imu = messages.heading_imu(measurement, stamp, p.frame_id) if self._imu_pub else None
+        if imu is not None:
+            self._imu_pub.publish(imu)
 
     # ------------------------------------------------------------------ diagnostics
+    def _motion_track(self) -> str:
+        """Return the motion prior's state: off (prior_radius_m 0), tracking or acquiring."""
+        if self.params.prior_radius_m <= 0:
+            return 'off'
+        return 'tracking' if self.localizer.track.active else 'acquiring'
+
     def _publish_diagnostics(self) -> None:
         """Publish rates, latency, confidence and counters since the last report."""
         now = time.monotonic()
@@ -233,6 +314,7 @@ class CVGLNode(Node):
             'localizations': c.localized, 'fixes': c.fixes,
             'device': str(model.device), 'precision': model.precision,
             'fast_path': self._fast_path(),
+            'motion_track': self._motion_track(),
             'database_places': len(self.localizer.database),
             'cameras': ' '.join(self._topics),
         }

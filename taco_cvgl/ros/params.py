@@ -1,9 +1,11 @@
 """
 cvgl_node's parameters on an rclpy node: the settings table of `taco_cvgl.settings`, declared.
 
-`declare(node, argv)` declares every setting as a read-only parameter (with a
-ParameterDescriptor holding its description and range) and returns the validated `NodeParams`;
-`python -m taco_cvgl.ros.params > config/cvgl.yaml` writes the table as the params file.
+`declare(node, argv)` declares every setting as a parameter (with a ParameterDescriptor holding
+its description and range) and returns the validated `NodeParams`; the settings the table marks
+`runtime` can be changed with `ros2 param set` (`updated` validates the change), the others are
+read-only. `python -m taco_cvgl.ros.params > config/cvgl.yaml` writes the table as the params
+file.
 
 Before declaring, every value the command line gives the node (`-p name:=value`, the sections of
 each `--params-file` that apply to it) is checked against the table by name and type. rcl keeps
@@ -22,7 +24,7 @@ from typing import Iterator, Sequence, Tuple
 
 from taco_cvgl.errors import InputError
 from taco_cvgl.settings import defaults, defaults_yaml, describe_limits  # noqa: F401
-from taco_cvgl.settings import NodeParams
+from taco_cvgl.settings import NodeParams, RUNTIME_NOTE
 import yaml
 
 _BOOL_WORDS = {word for stem in ('y', 'yes', 'true', 'on', 'n', 'no', 'false', 'off')
@@ -40,6 +42,7 @@ _FLOAT_HINT = ' (write floating-point values with a decimal point, e.g. 1.0, not
 # (`/**`, `/ns/*`) gave it: an unknown name there belongs to another node and only warns
 Given = Tuple[str, yaml.Node, str, bool]
 STANDARD_PREFIXES = ('qos_overrides.',)  # rclpy's own parameter families
+READ_ONLY = 'read only at start: restart the node to change it'
 
 
 class _RawLoader(yaml.SafeLoader):
@@ -230,9 +233,9 @@ def check_topics(node, params: NodeParams) -> None:
     """Raise InputError naming the parameter of a topic name that does not resolve."""
     from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 
-    for name in ('image_topics', 'fix_topic', 'geopose_topic'):
+    for name in ('image_topics', 'fix_topic', 'geopose_topic', 'imu_topic'):
         value = getattr(params, name)
-        for topic in value if isinstance(value, tuple) else (value,):
+        for topic in value if isinstance(value, tuple) else (value,) if value else ():
             try:
                 node.resolve_topic_name(topic)
             except _rclpy.RCLError as exc:
@@ -249,8 +252,9 @@ def descriptor(field: dataclasses.Field):
 
     meta = field.metadata
     limits = describe_limits(field)
+    limits += ('; ' if limits else '') + (RUNTIME_NOTE.strip() if meta['runtime'] else READ_ONLY)
     desc = ParameterDescriptor(name=field.name, description=meta['description'],
-                               additional_constraints=limits, read_only=True)
+                               additional_constraints=limits, read_only=not meta['runtime'])
     item = field.default[0] if isinstance(field.default, tuple) else field.default
     if meta['low'] is not None and isinstance(item, float):
         desc.floating_point_range = [FloatingPointRange(
@@ -259,6 +263,31 @@ def descriptor(field: dataclasses.Field):
         desc.integer_range = [IntegerRange(
             from_value=int(meta['low']), to_value=int(meta['high']), step=1)]
     return desc
+
+
+def updated(params: NodeParams, parameters) -> NodeParams:
+    """
+    Return params with rclpy Parameters set at run time applied, checked as at start.
+
+    Names outside the table (use_sim_time, qos_overrides...) are left to rclpy. Raises
+    InputError naming the parameter for a setting read only at start, a value the table
+    refuses, or a combination the localizer refuses (the motion prior without rerank).
+    """
+    from taco_cvgl.settings import localizer_config
+
+    fields = {field.name: field for field in dataclasses.fields(NodeParams)}
+    changes = {}
+    for parameter in parameters:
+        field = fields.get(parameter.name)
+        if field is None:
+            continue
+        if not field.metadata['runtime']:
+            raise InputError(f'parameter {field.name}: {READ_ONLY}')
+        value = parameter.value
+        changes[field.name] = tuple(value) if isinstance(field.default, tuple) else value
+    new = dataclasses.replace(params, **changes)
+    localizer_config(new)
+    return new
 
 
 def declare(node, argv: Sequence[str] = ()) -> NodeParams:

@@ -22,6 +22,9 @@ from taco_cvgl.errors import InputError
 from taco_cvgl.ros.params import split_ros_args
 from taco_cvgl.tools.common import reports_errors
 
+# Rate of /clock for --clock without one (Hz): the default of `ros2 bag play --clock`.
+DEFAULT_CLOCK_HZ = 40.0
+
 
 def _parse_pairs(items: list, sep: str, what: str) -> dict:
     """Split 'A<sep>B' items into {A: B}, raising InputError on a malformed item."""
@@ -55,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--start-delay', type=float, default=0.5, metavar='S',
                         help='seconds to wait after creating publishers so that subscribers '
                              'discover them (default 0.5)')
+    parser.add_argument('--clock', type=float, nargs='?', const=DEFAULT_CLOCK_HZ, metavar='HZ',
+                        help="publish /clock with the bag's time at HZ (default 40), as ros2 "
+                             'bag play --clock does, for nodes run with use_sim_time:=true '
+                             '(give it after the bag)')
     parser.add_argument('--duration', type=float, metavar='S',
                         help='stop replaying and recording after S seconds of wall time')
     parser.add_argument('--record', metavar='OUT',
@@ -88,6 +95,8 @@ def main(argv: Optional[list] = None) -> int:
         raise InputError('--record needs --record-topics TOPIC:TYPE ...')
     if record_topics and not args.record:
         raise InputError('--record-topics needs --record OUT')
+    if args.clock is not None and not args.clock > 0:
+        raise InputError(f'--clock {args.clock}: the rate must be above 0 Hz (e.g. --clock 40)')
 
     # Stop on SIGTERM (what process managers send) as on Ctrl-C: the recording is finished, not
     # left as a partial bag.
@@ -103,7 +112,8 @@ def main(argv: Optional[list] = None) -> int:
     started = time.monotonic()
     try:
         # The player checks the bag and its topics first: a mistake there leaves no empty bag.
-        player = BagPlayer(node, args.bag, topics=args.topics, qos=args.qos, remap=remap)
+        player = BagPlayer(node, args.bag, topics=args.topics, qos=args.qos, remap=remap,
+                           clock_hz=args.clock)
         if args.record:
             recorder = Recorder(node, record_topics, args.record, storage=args.storage)
             executor.add_node(node)
