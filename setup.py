@@ -29,9 +29,6 @@ setup(
         'console_scripts': [
             'taco-cvgl = taco_cvgl.tools.cli:main',
             'cvgl_node = taco_cvgl.ros.node:main',
-            'train = taco_cvgl.tools.train:main',
-            'build_db = taco_cvgl.tools.build_db:main',
-            'evaluate = taco_cvgl.tools.evaluate:main',
         ],
     },
 )

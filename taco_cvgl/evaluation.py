@@ -61,6 +61,7 @@ class FrameResult:
     retrieved_ids: List[str] = dataclasses.field(default_factory=list)
     retrieval_only: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2)))
     failure: Optional[str] = None
+    image: str = ''   # the query image file, when the frame is one (dataset evaluation)
 
     @property
     def has_truth(self) -> bool:
@@ -432,3 +433,117 @@ def _latency(frames: Sequence[FrameResult]) -> Dict[str, Any]:
     stats = error_stats(values)
     return {'available': True, 'count': stats['count'], 'median': stats['median'],
             'p90': stats['p90'], 'max': stats['max']}
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval evaluation on a dataset: database images and query images, each with a position
+
+# Metres per degree of latitude, rounded down (110.57 km at the equator): a window this wide
+# in degrees holds every point within the distance.
+_MIN_METRES_PER_DEGREE = 110_000.0
+
+
+def positives_within(query_latlon, db_latlon, threshold_m: float) -> np.ndarray:
+    """
+    Return a bool per query: whether a database position lies within threshold_m (geodesic).
+
+    Only the database entries inside a latitude and longitude window around each query are
+    measured, so a dataset of millions of images is checked query by query without an N x M
+    distance matrix.
+    """
+    queries = np.asarray(query_latlon, dtype=float).reshape(-1, 2)
+    db = np.asarray(db_latlon, dtype=float).reshape(-1, 2)
+    order = np.argsort(db[:, 0], kind='stable')
+    lat_sorted, db_sorted = db[order, 0], db[order]
+    window = threshold_m / _MIN_METRES_PER_DEGREE
+    found = np.zeros(len(queries), dtype=bool)
+    for i, (lat, lon) in enumerate(queries):
+        lo, hi = np.searchsorted(lat_sorted, [lat - window, lat + window], side='left')
+        near = db_sorted[lo:hi]
+        cos_lat = math.cos(math.radians(min(abs(lat) + window, 90.0)))
+        if cos_lat > 1e-6:      # else every longitude is near: the query is at a pole
+            dlon = np.abs((near[:, 1] - lon + 180.0) % 360.0 - 180.0)
+            near = near[dlon <= window / cos_lat]
+        if len(near):
+            found[i] = bool((distance_m(lat, lon, near[:, 0], near[:, 1]) <= threshold_m).any())
+    return found
+
+
+def retrieval_frames(query_latlon, query_heading, query_images: Sequence[str], db_latlon,
+                     db_heading, db_images: Sequence[str], ranking) -> List[FrameResult]:
+    """
+    Return one frame per query of a retrieval run: its truth, and its ranked database entries.
+
+    ranking is Q x K database indices, best first; the top-1 entry's position and heading are
+    the frame's estimate (no fix: nothing is published), and the ranking is both the retrieved
+    and the embedding-only one.
+    """
+    queries = np.asarray(query_latlon, dtype=float).reshape(-1, 2)
+    q_heading = np.asarray(query_heading, dtype=float).reshape(-1)
+    db = np.asarray(db_latlon, dtype=float).reshape(-1, 2)
+    db_heading = np.asarray(db_heading, dtype=float).reshape(-1)
+    ranking = np.asarray(ranking, dtype=np.int64).reshape(len(queries), -1)
+    frames = []
+    for i, ranked in enumerate(ranking):
+        positions = db[ranked]
+        top = ranked[0] if len(ranked) else None
+        frames.append(FrameResult(
+            index=i, stamp_ns=0, truth_lat=queries[i, 0], truth_lon=queries[i, 1],
+            truth_heading=q_heading[i],
+            est_lat=db[top, 0] if top is not None else math.nan,
+            est_lon=db[top, 1] if top is not None else math.nan,
+            est_heading=db_heading[top] if top is not None else math.nan,
+            retrieved=positions, retrieved_ids=[str(db_images[j]) for j in ranked],
+            retrieval_only=positions, image=str(query_images[i])))
+    return frames
+
+
+def retrieval_summary(frames: Sequence[FrameResult], has_positive: np.ndarray,
+                      threshold_m: float, ks: Sequence[int], database_size: int,
+                      table: Optional[FrameTable] = None) -> Dict[str, Any]:
+    """
+    Return the metrics of a retrieval run, shaped as `summarize` shapes them.
+
+    Recall@N counts, as the VPR benchmarks do, only the queries with at least one database
+    image within threshold_m (the others could not be found by any ranking); they are counted
+    apart, and recall_all_queries gives the share over every query (those counting as misses).
+    """
+    table = table if table is not None else frame_table(frames, threshold_m)
+    has_positive = np.asarray(has_positive, dtype=bool).reshape(-1)
+    metrics = summarize(frames, threshold_m, ks=ks, database_size=database_size, table=table)
+    retrieved = [f.retrieved for f in frames]
+    metrics['recall_all_queries'] = metrics['recall']
+    metrics['recall'] = _recall(table.first_hit_rank, table.scored & has_positive, retrieved,
+                                ks, threshold_m, database_size, None)
+    if not has_positive.any():
+        metrics['recall']['reason'] = (f'no query has a database image within {threshold_m:g} m'
+                                       f' (are the two sides of the same area?)')
+    metrics['recall_retrieval_only'] = metrics['recall']
+    metrics['frames'].update(with_positive=int(has_positive.sum()),
+                             without_positive=int((~has_positive).sum()))
+    metrics['fixes'] = {**dict.fromkeys(metrics['fixes']), 'threshold_m': float(threshold_m),
+                        'unavailable': 'retrieval evaluation: no localizer runs, nothing is '
+                                       'published as a fix'}
+    metrics['latency_s'] = {'available': False,
+                            'reason': 'queries are embedded in batches; see timing_s'}
+    metrics['definitions'].update(retrieval_definitions(threshold_m))
+    return metrics
+
+
+def retrieval_definitions(threshold_m: float) -> Dict[str, str]:
+    """Return the words for the figures of a retrieval run that differ from a bag's."""
+    return {
+        'ground_truth': "each query image's position: from its file name (VPR convention: "
+                        'latitude and longitude, else UTM east, north, zone) or its CSV row',
+        'scored': 'every query: it has a position and a ranking',
+        'recall_at_k': f'share of the queries with at least one database image within '
+                       f'{threshold_m:g} m (geodesic) whose first k database images ranked by '
+                       f'embedding similarity (exact search) hold one within {threshold_m:g} m; '
+                       f'queries without any are counted apart (frames.without_positive)',
+        'recall_all_queries': 'the same over every query, those without a database image '
+                              'within the threshold counting as misses',
+        'recall_retrieval_only': 'equal to recall: the ranking is by the embedding alone',
+        'position_error_m': 'geodesic distance between the query and its top-1 database image',
+        'heading_error_deg': "angle between the query's heading and its top-1 database "
+                             "image's heading, where both are known",
+    }

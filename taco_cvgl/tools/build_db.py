@@ -6,13 +6,13 @@ import argparse
 import os
 from pathlib import Path
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Optional, TYPE_CHECKING
 
-from taco_cvgl.database import (build_database, EmbeddingDatabase, read_csv, records_from_bag,
-                                records_from_exif)
-from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError
 from taco_cvgl.tools.common import add_runtime_args, reports_errors
+
+if TYPE_CHECKING:   # torch loads in seconds: not before the arguments are parsed
+    from taco_cvgl.database import EmbeddingDatabase
 
 
 def build_db(out, weights, images=None, csv=None, device: str = 'auto',
@@ -37,7 +37,9 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
     processes per process. The merged database is the single-process one; only the process that
     wrote it gets it back, the others get None.
     """
+    from taco_cvgl.database import build_database
     from taco_cvgl.distributed_db import check_count, leads_launch, plan_processes
+    from taco_cvgl.embedder import ImageRetrievalModel
     out = Path(out)
     check_count('--batch-size', batch_size)
     check_count('--every', every)
@@ -105,6 +107,7 @@ def _refuse_input(out: Path, inputs: Iterable) -> None:
 
 def _read_records(out, images, csv, bag, image_topic, gps_topic, every, progress):
     """Return the image records of whichever source was given."""
+    from taco_cvgl.database import read_csv, records_from_bag, records_from_exif
     if bag is not None:
         if not (image_topic and gps_topic):
             raise InputError('a bag source needs --image-topic and --gps-topic')
@@ -115,9 +118,8 @@ def _read_records(out, images, csv, bag, image_topic, gps_topic, every, progress
     return read_csv(csv, images) if csv else records_from_exif(images)
 
 
-@reports_errors
-def main(argv: Optional[list] = None) -> int:
-    """Parse arguments and build the database."""
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of `taco-cvgl build-db`."""
     parser = argparse.ArgumentParser(prog='taco-cvgl build-db', description=__doc__)
     parser.add_argument('--images', type=Path,
                         help='image folder (relative CSV paths are taken from here)')
@@ -156,7 +158,13 @@ def main(argv: Optional[list] = None) -> int:
     scale.add_argument('--workers', type=int, default=None,
                        help='image-decoding worker processes per process (default: the CPUs '
                             'shared out, at most 4)')
-    args = parser.parse_args(argv)
+    return parser
+
+
+@reports_errors
+def main(argv: Optional[list] = None) -> int:
+    """Parse arguments and build the database."""
+    args = build_parser().parse_args(argv)
     db = build_db(args.out, args.weights, args.images, args.csv, args.device, args.precision,
                   args.batch_size, args.dtype, args.skip_bad, not args.no_progress, args.bag,
                   args.image_topic, args.gps_topic, args.every, devices=args.devices,

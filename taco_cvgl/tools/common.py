@@ -14,6 +14,12 @@ from taco_cvgl import settings
 from taco_cvgl.errors import TacoError
 
 EXIT_USER_ERROR = 2
+PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
+#: Each precision under its PyTorch Lightning name: the one mapping, read both ways.
+LIGHTNING_PRECISION = {'fp32': '32-true', 'bf16': 'bf16-mixed', 'fp16': '16-mixed'}
+PRECISION_METAVAR = '{auto,fp32,fp16,bf16}'
+PRECISION_HELP = ('autocast precision (auto: fp16 on CUDA, fp32 on CPU); the Lightning names '
+                  '32-true, 16-mixed and bf16-mixed are taken too')
 
 
 def reports_errors(main):
@@ -60,12 +66,31 @@ def _stop_signals_raise():
                 signal.signal(signum, previous)
 
 
+def device_name(text: str) -> str:
+    """Return a --device value checked as the node checks its device parameter."""
+    pattern, words = settings.DEVICE_PATTERN
+    if not pattern.fullmatch(text):
+        raise argparse.ArgumentTypeError(f'must be {words}, got {text!r}')
+    return text
+
+
+def precision_name(text: str) -> str:
+    """Return a --precision value as fp32/fp16/bf16/auto, Lightning's names mapped over."""
+    names = {v: k for k, v in LIGHTNING_PRECISION.items()}
+    value = names.get(text, text)
+    if value not in PRECISIONS:
+        raise argparse.ArgumentTypeError(
+            f'must be one of {", ".join(PRECISIONS + tuple(names))}, got {text!r}')
+    return value
+
+
 def add_runtime_args(parser) -> None:
     """Add --device and --precision, shared by every command that runs the model."""
-    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
-                        help='where the model runs (auto: CUDA when present)')
-    parser.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'fp16', 'bf16'),
-                        help='autocast precision (auto: fp16 on CUDA, fp32 on CPU)')
+    parser.add_argument('--device', default='auto', type=device_name,
+                        help='where the model runs: auto (CUDA when present), cpu, cuda or '
+                             'cuda:N')
+    parser.add_argument('--precision', default='auto', type=precision_name,
+                        metavar=PRECISION_METAVAR, help=PRECISION_HELP)
 
 
 def add_settings_args(parser) -> None:
@@ -89,9 +114,10 @@ def add_settings_args(parser) -> None:
                             '(default on; --no-rerank reports retrieval-only fixes)')
     group.add_argument('--fast-path', choices=settings.FAST_PATHS,
                        help='inference fast path, as the node parameter fast_path (default off)')
-    group.add_argument('--device', help='auto, cpu, cuda or cuda:N (default auto)')
-    group.add_argument('--precision', choices=('auto', 'fp32', 'fp16', 'bf16'),
-                       help='autocast precision (auto: fp16 on CUDA, fp32 on CPU)')
+    group.add_argument('--device', type=device_name,
+                       help='auto, cpu, cuda or cuda:N (default auto)')
+    group.add_argument('--precision', type=precision_name, metavar=PRECISION_METAVAR,
+                       help=PRECISION_HELP)
 
 
 def settings_from_args(args, weights, database):

@@ -1,7 +1,7 @@
 """
-taco-cvgl evaluate: score the localizer on a rosbag2 with ground truth, or score a recorded run.
+taco-cvgl evaluate: score the localizer on a bag, a recorded run, or retrieval on a dataset.
 
-Two ways in, one set of metrics (see taco_cvgl.evaluation for their definitions):
+Three ways in, one set of metrics (see taco_cvgl.evaluation for their definitions):
 
 - a bag with camera images and ground-truth NavSatFix: every image goes through the same
   CVGLLocalizer the node runs (needs --db and --weights)::
@@ -14,7 +14,13 @@ Two ways in, one set of metrics (see taco_cvgl.evaluation for their definitions)
 
       taco-cvgl evaluate --bag run1 --estimate-topic /cvgl/fix --gt-topic /gps/fix --out eval/
 
-Both write metrics.json (atomically, last), frames.csv (one row per frame) and PNG pictures into
+- a dataset in the VPR benchmarks' layout (database and query images whose file names carry
+  their positions, or CSVs): retrieval alone, Recall@N at --threshold-m::
+
+      taco-cvgl evaluate --database-folder pitts30k/test/database
+          --queries-folder pitts30k/test/queries --weights model.safetensors --out eval/
+
+Each writes metrics.json (atomically, last), frames.csv (one row per frame) and PNG pictures into
 --out. A run that is interrupted, meets frames it cannot localize, or stops early writes what it
 scored with "complete": false.
 """
@@ -24,23 +30,28 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
 import os
 from pathlib import Path
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TYPE_CHECKING
 
 import numpy as np
 from taco_cvgl import bags
 from taco_cvgl.atomic import atomic_path
 from taco_cvgl.errors import InputError, TacoError
 from taco_cvgl.evaluation import (DEFAULT_KS, frame_table, FrameResult, FrameTable,
-                                  interpolate_headings, SCHEMA, summarize)
+                                  interpolate_headings, positives_within, retrieval_frames,
+                                  retrieval_summary, SCHEMA, summarize)
 from taco_cvgl.geodesy import distance_m, enu_yaw_to_heading
-from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig, Measurement
 from taco_cvgl.tools.common import add_settings_args, reports_errors, settings_from_args
+
+if TYPE_CHECKING:   # torch loads in seconds: not before the arguments are parsed
+    from taco_cvgl.database import ImageRecord
+    from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig, Measurement
 
 QUATERNION_STAMPED_TYPE = 'geometry_msgs/msg/QuaternionStamped'
 IMU_TYPE = 'sensor_msgs/msg/Imu'
@@ -203,13 +214,13 @@ def _grid_picks(count: int, rows: int) -> set:
 def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
                  gt_bag=None, gt_heading_topic: Optional[str] = None,
                  threshold_m: float = 25.0, fix_threshold_m: Optional[float] = None,
-                 max_gt_gap_s: float = 1.0, config: LocalizerConfig = LocalizerConfig(),
+                 max_gt_gap_s: float = 1.0, config: Optional[LocalizerConfig] = None,
                  device: str = 'auto', precision: str = 'auto', camera_yaw_deg: float = 0.0,
                  max_frames: Optional[int] = None, grid_rows: int = 6,
                  background=None, progress: bool = True,
                  on_frame: Optional[Callable[[FrameResult], None]] = None,
                  localizer: Optional[CVGLLocalizer] = None,
-                 plots: bool = True) -> EvaluationResult:
+                 plots: bool = True, ks: Sequence[int] = DEFAULT_KS) -> EvaluationResult:
     """
     Localize every image of a bag and score it against the ground truth.
 
@@ -220,8 +231,9 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
     (KeyboardInterrupt), a read error mid-bag or max_frames stop nothing already scored:
     metrics.json is written with complete false and says why. background: an optional
     plots.MapBackground for the track plot; plots False writes metrics.json and frames.csv
-    only. on_frame is called with each frame once done.
+    only. on_frame is called with each frame once done. ks: the k of Recall@k.
     """
+    from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
     from tqdm import tqdm
 
     fix_threshold_m = _check_thresholds(threshold_m, fix_threshold_m, max_gt_gap_s)
@@ -235,7 +247,8 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
     if localizer is None:
         if db is None or weights is None:
             raise InputError('evaluating a camera bag needs the database and the weights')
-        localizer = CVGLLocalizer.from_files(weights, db, device, precision, config)
+        localizer = CVGLLocalizer.from_files(weights, db, device, precision,
+                                             config or LocalizerConfig())
     if localizer.database is None:
         raise InputError('the localizer passed in has no map loaded')
     config = localizer.config
@@ -270,7 +283,7 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
         bar.close()
 
     table = frame_table(frames, threshold_m)
-    summary = summarize(frames, threshold_m, fix_threshold_m, DEFAULT_KS,
+    summary = summarize(frames, threshold_m, fix_threshold_m, ks,
                         database_size=len(database), max_gt_gap_s=max_gt_gap_s, table=table)
     failures = [f'frame {f.index} at {f.stamp_ns} ns: {f.failure}'
                 for f in frames if f.failure is not None]
@@ -349,7 +362,8 @@ def _grid_rows(frames: Sequence[FrameResult], thumbs: Dict[int, np.ndarray],
                                 label=f'top-{r + 1}: {dist[r]:.0f} m from truth',
                                 hit=bool(dist[r] <= threshold_m)) for r in range(len(shown))]
         state = 'fix' if f.fix else 'no fix'
-        label = (f'frame {f.index} ({state}, error {table.error_m[f.index]:.0f} m)')
+        label = (f'{Path(f.image).name} (top-1 {table.error_m[f.index]:.0f} m away)' if f.image
+                 else f'frame {f.index} ({state}, error {table.error_m[f.index]:.0f} m)')
         grid.append(GridRow(query=thumbs[f.index], label=label, candidates=candidates))
     return grid
 
@@ -458,6 +472,201 @@ def _count_images(topic: str, bag_paths: Sequence[Path], truth: bags.GpsTrack,
 
 
 # ---------------------------------------------------------------------------------------------
+# Retrieval on dataset folders (the VPR benchmarks' layout)
+
+#: The fields of a VPR dataset file name (gmberton's VPR-datasets-downloader and
+#: VPR-methods-evaluation), between '@' signs and before the extension; any may be empty.
+VPR_FIELDS = ('utm_east', 'utm_north', 'utm_zone_number', 'utm_zone_letter', 'latitude',
+              'longitude', 'pano_id', 'tile_num', 'heading', 'pitch', 'roll', 'height',
+              'timestamp', 'note')
+VPR_NAME = '@' + '@'.join(VPR_FIELDS) + '@.jpg'
+UTM_BANDS = 'CDEFGHJKLMNPQRSTUVWX'    # latitude band letters, south to north; N on: north
+DEFAULT_RECALL_VALUES = (1, 5, 10, 20)
+
+
+def vpr_fields(path: Path) -> Dict[str, str]:
+    """Return the named fields of a VPR file name; InputError naming the file if it is none."""
+    parts = path.name.split('@')
+    if len(parts) < 8 or parts[0]:
+        raise InputError(f'{path}: not a VPR dataset file name ({VPR_NAME}, fields possibly '
+                         f'empty); name the files so, or list them with their positions in a '
+                         f'CSV (--database-csv / --queries-csv)')
+    return dict(zip(VPR_FIELDS, (p.strip() for p in parts[1:-1])))
+
+
+def _number(fields: Dict[str, str], name: str) -> float:
+    """Return a file name field as a number (ValueError saying which field is not one)."""
+    text = fields.get(name, '')
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f'{name} {text!r} is not a number') from None
+    if not math.isfinite(value):
+        raise ValueError(f'{name} {text!r} is not a finite number')
+    return value
+
+
+def _utm_to_latlon(fields: Dict[str, str]) -> Tuple[float, float]:
+    """Return (latitude, longitude) of a name's WGS84 UTM fields (hemisphere from the band)."""
+    east, north = _number(fields, 'utm_east'), _number(fields, 'utm_north')
+    zone, band = fields.get('utm_zone_number', ''), fields.get('utm_zone_letter', '').upper()
+    if not (zone.isdigit() and 1 <= int(zone) <= 60):
+        raise ValueError(f'utm_zone_number {zone!r} is not a zone 1..60')
+    if len(band) != 1 or band not in UTM_BANDS:
+        raise ValueError(f'utm_zone_letter {band!r} is not a latitude band C..X')
+    epsg = (32600 if band >= 'N' else 32700) + int(zone)
+    lon, lat = _utm_transformer(epsg).transform(east, north)
+    return float(lat), float(lon)
+
+
+@functools.lru_cache(maxsize=None)
+def _utm_transformer(epsg: int):
+    """Return the pyproj transformer of one UTM zone to WGS84 degrees (made once per zone)."""
+    from pyproj import Transformer
+    return Transformer.from_crs(epsg, 4326, always_xy=True)
+
+
+def vpr_record(path: Path) -> ImageRecord:
+    """Return an image's record from its VPR file name: latitude/longitude, else UTM."""
+    from taco_cvgl.database import check_coordinates, ImageRecord
+    fields = vpr_fields(path)
+    try:
+        if fields.get('latitude') and fields.get('longitude'):
+            lat, lon = _number(fields, 'latitude'), _number(fields, 'longitude')
+        else:
+            lat, lon = _utm_to_latlon(fields)
+        heading = _number(fields, 'heading') if fields.get('heading') else math.nan
+    except ValueError as exc:
+        raise InputError(f'{path}: {exc} (a VPR file name is {VPR_NAME}, with latitude and '
+                         f'longitude or the UTM fields)') from None
+    check_coordinates(lat, lon, str(path))
+    if abs(heading) > 360.0:
+        raise InputError(f'{path}: heading {heading} is not degrees in [-360, 360]')
+    return ImageRecord(str(path), lat, lon, heading=heading % 360.0)
+
+
+def dataset_records(folder: Optional[Path], csv_file: Optional[Path], side: str
+                    ) -> List[ImageRecord]:
+    """
+    Return one side's images with their positions: from a CSV, else the folder's file names.
+
+    The CSV is build-db's (image_path,latitude,longitude[,heading][,altitude]; relative paths
+    taken from the folder when given, else from the CSV's own folder).
+    """
+    from taco_cvgl.database import iter_image_files, read_csv
+    if csv_file is not None:
+        return read_csv(csv_file, folder)
+    if folder is None:
+        raise InputError(f'give the {side} images: --{side}-folder DIR (VPR file names) or '
+                         f'--{side}-csv FILE')
+    if not folder.is_dir():
+        raise InputError(f'--{side}-folder {folder}: no such folder')
+    images = list(iter_image_files(folder))
+    if not images:
+        raise InputError(f'--{side}-folder {folder} holds no image (.jpg, .png, ...)')
+    return [vpr_record(p) for p in images]
+
+
+def _check_recall_values(values: Sequence[int]) -> Tuple[int, ...]:
+    """Return the N of Recall@N sorted, refusing any below 1."""
+    ks = tuple(sorted({int(v) for v in values}))
+    if not ks or ks[0] < 1:
+        raise InputError(f'--recall-values must be whole numbers >= 1, got {list(values)}')
+    return ks
+
+
+def evaluate_folders(weights, out_dir, database=None, queries=None, *, database_csv=None,
+                     queries_csv=None, threshold_m: float = 25.0,
+                     recall_values: Sequence[int] = DEFAULT_RECALL_VALUES,
+                     device: str = 'auto', precision: str = 'auto', batch_size: int = 32,
+                     grid_rows: int = 6, progress: bool = True,
+                     plots: bool = True) -> EvaluationResult:
+    """
+    Score image retrieval on a dataset: every query ranks the database images by embedding.
+
+    Each side is a folder of images named in the VPR convention (VPR_NAME) or a CSV; the
+    ranking is exact (inner product of the embeddings). Recall@N counts the queries with a
+    database image within threshold_m; those without one are counted apart (see
+    evaluation.retrieval_summary). Writes database.npz and queries.npz (the embeddings, fp32,
+    in build-db's format: the database one serves the node as it is), frames.csv (one row per
+    query), the error CDF and retrieval grid pictures (unless plots is False) and last
+    metrics.json into out_dir.
+    """
+    _check_thresholds(threshold_m, None, 1.0)
+    ks = _check_recall_values(recall_values)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f'--out {out} is a file; give the folder to write metrics.json into')
+    sources = {'database': (database, database_csv), 'queries': (queries, queries_csv)}
+    records = {side: dataset_records(*where, side) for side, where in sources.items()}
+    db, q, ranking, timing = _embed_and_rank(weights, records, sources, max(ks), device,
+                                             precision, batch_size, progress)
+    db_latlon = np.stack([db.latitude, db.longitude], axis=1)
+    q_latlon = np.stack([q.latitude, q.longitude], axis=1)
+    frames = retrieval_frames(q_latlon, q.heading, q.image_ids, db_latlon, db.heading,
+                              db.image_ids, ranking)
+    table = frame_table(frames, threshold_m)
+    positive = positives_within(q_latlon, db_latlon, threshold_m)
+    inputs = {'database_folder': database, 'database_csv': database_csv,
+              'queries_folder': queries, 'queries_csv': queries_csv, 'weights': str(weights),
+              'database_images': len(db), 'query_images': len(q),
+              'model_fingerprint': db.model_fingerprint, 'search': 'exact',
+              'recall_values': list(ks)}
+    metrics = {'schema': SCHEMA, 'mode': 'retrieval', 'complete': True, 'stopped': None,
+               'inputs': {k: str(v) if isinstance(v, Path) else v for k, v in inputs.items()},
+               **retrieval_summary(frames, positive, threshold_m, ks, len(db), table),
+               'timing_s': timing, 'warnings': []}
+    if not positive.any():
+        metrics['warnings'].append(f'no query has a database image within {threshold_m:g} m')
+    saved = {f'{name}_embeddings': _save_embeddings(part, out / f'{name}.npz', weights)
+             for name, part in (('database', db), ('queries', q))}
+    grid = _query_grid(frames, table, threshold_m, grid_rows) if plots else []
+    paths = _write_outputs(out, metrics, frames, table, threshold_m, (db.latitude, db.longitude),
+                           None, grid, plots, saved)
+    return EvaluationResult(metrics, paths)
+
+
+def _query_grid(frames: Sequence[FrameResult], table: FrameTable, threshold_m: float,
+                rows: int) -> list:
+    """Return the retrieval grid's rows of queries spread over the dataset (files read here)."""
+    from taco_cvgl.image_codec import load_image_file
+    from taco_cvgl.plots import thumbnail
+    thumbs = {i: thumbnail(load_image_file(frames[i].image))
+              for i in _grid_picks(len(frames), rows)}
+    return _grid_rows(frames, thumbs, table, threshold_m, rows)
+
+
+def _embed_and_rank(weights, records: Dict[str, List[ImageRecord]], sources: Dict[str, tuple],
+                    k: int, device: str, precision: str, batch_size: int, progress: bool):
+    """Return (database, queries, Q x k ranking, timing_s): both sides embedded, then ranked."""
+    import time
+    from taco_cvgl.database import build_database
+    from taco_cvgl.embedder import ImageRetrievalModel
+    from taco_cvgl.search import ExactIndex
+    model = ImageRetrievalModel.load(weights, device, precision)
+    timing: Dict[str, float] = {}
+    sides = {}
+    for side, (folder, csv_file) in sources.items():
+        start = time.perf_counter()
+        sides[side] = build_database(model, records[side], batch_size=batch_size,
+                                     progress=progress, source=str(csv_file or folder))
+        timing[f'embed_{side}'] = time.perf_counter() - start
+    db, q = sides['database'], sides['queries']
+    start = time.perf_counter()
+    ranking, _ = ExactIndex(db.embeddings, str(model.device)).search(q.embeddings, k)
+    timing['search'] = time.perf_counter() - start
+    return db, q, ranking, timing
+
+
+def _save_embeddings(part, path: Path, weights) -> Path:
+    """Write one side's embeddings (fp32: exactly what was ranked) in build-db's format."""
+    try:
+        return part.save(path, dtype='fp32', weights=weights)
+    except OSError as exc:
+        raise InputError(f'cannot write {path}: {exc.strerror or exc}') from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Writing the results
 
 
@@ -498,7 +707,7 @@ def _frames_csv(frames: Sequence[FrameResult], table: FrameTable) -> str:
     writer.writerow(['index', 'stamp_ns', 'status', 'truth_lat', 'truth_lon', 'est_lat',
                      'est_lon', 'fix', 'error_m', 'mahalanobis', 'heading_error_deg',
                      'first_hit_rank', 'retrieval_first_hit_rank', 'confidence',
-                     'latency_s', 'top1_id', 'failure'])
+                     'latency_s', 'top1_id', 'failure', 'image'])
     for i, f in enumerate(frames):
         status = ('failed' if f.failure else 'scored' if table.scored[i]
                   else 'no_ground_truth')
@@ -512,19 +721,26 @@ def _frames_csv(frames: Sequence[FrameResult], table: FrameTable) -> str:
                          retrieval_rank if retrieval_rank >= 0 and len(f.retrieval_only)
                          else '',
                          num(f.confidence), num(f.latency_s, 4),
-                         f.retrieved_ids[0] if f.retrieved_ids else '', f.failure or ''])
+                         f.retrieved_ids[0] if f.retrieved_ids else '', f.failure or '',
+                         f.image])
     return out.getvalue()
 
 
 def _write_outputs(out: Path, metrics: Dict[str, Any], frames: Sequence[FrameResult],
                    table: FrameTable, threshold_m: float, places, background,
-                   grid: list, draw: bool = True) -> Dict[str, Path]:
-    """Write frames.csv, the plots (when draw) and last metrics.json; return their paths."""
+                   grid: list, draw: bool = True,
+                   written: Optional[Dict[str, Path]] = None) -> Dict[str, Path]:
+    """
+    Write frames.csv, the plots (when draw) and last metrics.json; return their paths.
+
+    written: files the caller already wrote into `out`, listed in metrics.json's outputs too.
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f'cannot create output folder {out}: {err}') from None
     paths: Dict[str, Path] = {
+        **(written or {}),
         'frames_csv': _atomic_text(out / 'frames.csv', _frames_csv(frames, table))}
     if draw:
         paths.update(_draw(out, metrics['mode'], frames, table, threshold_m, places,
@@ -551,14 +767,17 @@ def _draw(out: Path, mode: str, frames: Sequence[FrameResult], table: FrameTable
     db_lat, db_lon = places if places is not None else (None, None)
     scored, fixes = table.scored, table.scored & table.fix
     est_lat = np.where(scored, column('est_lat'), np.nan)
-    paths['track_plot'] = plots.track_plot(
-        out / 'track.png', truth_lat, truth_lon, est_lat, column('est_lon'), table.fix,
-        table.error_m, threshold_m, db_lat, db_lon, background)
-    paths['error_along_track_plot'] = plots.error_along_track_plot(
-        out / 'error_along_track.png', time_s, table.error_m, table.fix, threshold_m)
+    if mode != 'retrieval':     # a dataset's queries are no track in time
+        paths['track_plot'] = plots.track_plot(
+            out / 'track.png', truth_lat, truth_lon, est_lat, column('est_lon'), table.fix,
+            table.error_m, threshold_m, db_lat, db_lon, background)
+        paths['error_along_track_plot'] = plots.error_along_track_plot(
+            out / 'error_along_track.png', time_s, table.error_m, table.fix, threshold_m)
     curves = [('all frames', table.error_m[scored]), ('fixes', table.error_m[fixes])]
     if mode == 'recorded':
         curves = curves[1:]  # every recorded estimate is a fix
+    elif mode == 'retrieval':
+        curves = [('top-1 database image', table.error_m[scored])]
     paths['error_cdf_plot'] = plots.error_cdf_plot(out / 'error_cdf.png', curves, threshold_m)
     if grid:
         paths['retrieval_grid_plot'] = plots.retrieval_grid_plot(
@@ -577,6 +796,15 @@ def _fmt(value, unit: str = '', digits: int = 1, percent: bool = False) -> str:
     return f'{value:.{digits}f}{unit}'
 
 
+def _recall_row(name: str, recall: Dict[str, Any]) -> Tuple[str, str]:
+    """Return the summary row of a Recall@k block, for the k it holds."""
+    if not recall['available']:
+        return f'{name}@k', 'not available'
+    ks = [key[3:] for key in recall if key.startswith('at_')]
+    return (f'{name}@{"/".join(ks)} ({recall["threshold_m"]:g} m)',
+            ' / '.join(_fmt(recall[f'at_{k}'], percent=True) for k in ks))
+
+
 def format_summary(metrics: Dict[str, Any]) -> str:
     """Return a short human-readable table of the metrics."""
     frames, recall = metrics['frames'], metrics['recall']
@@ -588,17 +816,19 @@ def format_summary(metrics: Dict[str, Any]) -> str:
     rows = [('result', state),
             ('frames', f'{frames["scored"]} scored / {frames["total"]} '
                        f'({frames["no_ground_truth"]} without ground truth)')]
-    if recall['available']:
-        rows.append((f'Recall@1/5/10 ({recall["threshold_m"]:g} m)', ' / '.join(
-            _fmt(recall.get(f'at_{k}'), percent=True) for k in DEFAULT_KS)))
-    else:
-        rows.append(('Recall@k', 'not available'))
+    if 'without_positive' in frames:
+        rows.append(('queries apart', f'{frames["without_positive"]} without a database image '
+                                      f'within {metrics["threshold_m"]:g} m'))
+    rows.append(_recall_row('Recall', recall))
+    if 'recall_all_queries' in metrics:
+        rows.append(_recall_row('over all queries', metrics['recall_all_queries']))
     for name, stats in (('error, all (m)', err_all), ('error, fixes (m)', err_fix)):
         rows.append((name, f'median {_fmt(stats["median"])}  p90 {_fmt(stats["p90"])}  '
                            f'max {_fmt(stats["max"])}  (n={stats["count"]})'))
-    rows.append(('fixes', f'{fixes["count"]}, share {_fmt(fixes["share"], percent=True)}, '
-                          f'precision {_fmt(fixes["precision"], percent=True)} '
-                          f'(<= {fixes["threshold_m"]:g} m)'))
+    rows.append(('fixes', 'not available' if fixes.get('unavailable') else
+                 f'{fixes["count"]}, share {_fmt(fixes["share"], percent=True)}, '
+                 f'precision {_fmt(fixes["precision"], percent=True)} '
+                 f'(<= {fixes["threshold_m"]:g} m)'))
     rows.append(('inside 1 / 2 sigma', f'{_fmt(cal["within_1sigma"], percent=True)} / '
                                        f'{_fmt(cal["within_2sigma"], percent=True)} (Gaussian '
                                        f'39.3 / 86.5 %), scale for 95 % in 2 sigma '
@@ -624,10 +854,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='taco-cvgl evaluate', description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--bag', type=Path, required=True,
+    parser.add_argument('--bag', type=Path,
                         help='rosbag2 (directory, .mcap or .db3; MCAP or sqlite3) to evaluate')
-    parser.add_argument('--gt-topic', required=True,
-                        help='ground-truth sensor_msgs/NavSatFix topic (interpolated in time)')
+    parser.add_argument('--gt-topic',
+                        help='ground-truth sensor_msgs/NavSatFix topic of the bag '
+                             '(interpolated in time)')
     parser.add_argument('--gt-bag', type=Path,
                         help='read the ground truth from this bag instead of --bag')
     parser.add_argument('--image-topic',
@@ -668,6 +899,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no-plots', action='store_true',
                         help='write metrics.json and frames.csv only, no pictures')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+    parser.add_argument('--recall-values', type=int, nargs='+', metavar='N',
+                        help='the N of Recall@N (default 1 5 10; 1 5 10 20 on a dataset)')
+    dataset = parser.add_argument_group(
+        'dataset folders', 'score retrieval on a VPR dataset instead of a bag (needs --weights): '
+        f'each side a folder of images named {VPR_NAME} (position from lat/lon, else UTM), or '
+        'a CSV image_path,latitude,longitude[,heading] as build-db reads')
+    dataset.add_argument('--database-folder', type=Path, metavar='DIR',
+                         help='database images (relative --database-csv paths start here)')
+    dataset.add_argument('--queries-folder', type=Path, metavar='DIR',
+                         help='query images (relative --queries-csv paths start here)')
+    dataset.add_argument('--database-csv', type=Path, metavar='FILE',
+                         help='positions of the database images, instead of their file names')
+    dataset.add_argument('--queries-csv', type=Path, metavar='FILE',
+                         help='positions of the query images, instead of their file names')
+    dataset.add_argument('--batch-size', type=int, default=32, help='images per forward pass')
     add_settings_args(parser)
     return parser
 
@@ -687,13 +933,40 @@ def _background(image: Optional[Path], extent: Optional[Sequence[float]]):
     return MapBackground(load_image_file(image), (west, east, south, north))
 
 
+def _evaluate_dataset(args, progress: bool) -> EvaluationResult:
+    """Run evaluate_folders with the flags (weights, device and precision as the node reads)."""
+    bag_flags = [flag for flag, value in (('--bag', args.bag), ('--estimate-topic',
+                                                                args.estimate_topic))
+                 if value is not None]
+    if bag_flags:
+        raise InputError(f'{", ".join(bag_flags)} and the dataset folders are two different '
+                         f'evaluations; give one')
+    params = settings_from_args(args, args.weights, None)
+    if not params.weights:
+        raise InputError('evaluating a dataset needs --weights (the model that embeds both '
+                         'sides)')
+    return evaluate_folders(
+        params.weights, args.out, args.database_folder, args.queries_folder,
+        database_csv=args.database_csv, queries_csv=args.queries_csv,
+        threshold_m=args.threshold_m,
+        recall_values=args.recall_values or DEFAULT_RECALL_VALUES, device=params.device,
+        precision=params.precision, batch_size=args.batch_size, grid_rows=args.grid_rows,
+        progress=progress, plots=not args.no_plots)
+
+
 @reports_errors
 def main(argv: Optional[list] = None) -> int:
     """Parse arguments, evaluate, print a summary; exit 0 complete, 1 incomplete, 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
     background = _background(args.map_image, args.map_extent)
     progress = not args.no_progress
-    if args.estimate_topic:
+    dataset = (args.database_folder, args.database_csv, args.queries_folder, args.queries_csv)
+    if any(value is not None for value in dataset):
+        result = _evaluate_dataset(args, progress)
+    elif args.bag is None or args.gt_topic is None:
+        raise InputError('give a bag with ground truth (--bag BAG --gt-topic TOPIC) or a '
+                         'dataset (--database-folder DIR --queries-folder DIR)')
+    elif args.estimate_topic:
         result = evaluate_recorded(
             args.bag, args.estimate_topic, args.gt_topic, args.out, gt_bag=args.gt_bag,
             image_topic=args.image_topic, gt_heading_topic=args.gt_heading_topic,
@@ -701,6 +974,7 @@ def main(argv: Optional[list] = None) -> int:
             max_gt_gap_s=args.max_gt_gap_s, db=args.db, background=background,
             progress=progress, plots=not args.no_plots)
     else:
+        from taco_cvgl.localizer import CVGLLocalizer
         params = settings_from_args(args, args.weights, args.db)
         missing = [flag for flag, value in (('--image-topic', args.image_topic),
                                             ('--db', params.database),
@@ -715,7 +989,8 @@ def main(argv: Optional[list] = None) -> int:
             threshold_m=args.threshold_m, fix_threshold_m=args.fix_threshold_m,
             max_gt_gap_s=args.max_gt_gap_s, camera_yaw_deg=args.camera_yaw_deg,
             max_frames=args.max_frames, grid_rows=args.grid_rows, background=background,
-            progress=progress, plots=not args.no_plots)
+            progress=progress, plots=not args.no_plots,
+            ks=_check_recall_values(args.recall_values or DEFAULT_KS))
     print(format_summary(result.metrics))
     print(f'wrote {result.paths["metrics"]} and {len(result.paths) - 1} more file(s) in '
           f'{args.out}')

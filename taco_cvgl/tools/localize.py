@@ -7,12 +7,14 @@ import json
 import math
 from pathlib import Path
 import sys
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, TYPE_CHECKING
 
 from taco_cvgl.errors import InputError
 from taco_cvgl.image_codec import load_image_file, MAX_IMAGE_PIXELS
-from taco_cvgl.localizer import CVGLLocalizer, Measurement
 from taco_cvgl.tools.common import add_settings_args, reports_errors, settings_from_args
+
+if TYPE_CHECKING:   # torch loads in seconds: not before the arguments are parsed
+    from taco_cvgl.localizer import CVGLLocalizer, Measurement
 
 
 def localize_files(localizer: CVGLLocalizer, images: List[Path],
@@ -51,6 +53,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     add_settings_args(parser)
     args = parser.parse_args(argv)
+    from taco_cvgl.localizer import CVGLLocalizer
     params = settings_from_args(args, args.weights, args.db)
     localizer = CVGLLocalizer.from_settings(params)
     failures = 0
