@@ -62,6 +62,8 @@ class FrameResult:
     retrieval_only: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2)))
     failure: Optional[str] = None
     image: str = ''   # the query image file, when the frame is one (dataset evaluation)
+    checked: Optional[int] = None   # places verified geometrically (None: no verification)
+    no_fix_reason: str = ''         # why the localizer gave no fix ('' for a fix or unknown)
 
     @property
     def has_truth(self) -> bool:
@@ -298,6 +300,10 @@ def definitions(threshold_m: float, fix_threshold_m: float, max_gt_gap_s: float)
                        'covariance_scale) so that 95 % fall within 2 sigma',
         'heading_error_deg': 'smallest absolute angle between estimated and true heading '
                              '(degrees), over scored frames where both are known',
+        'verification': 'database places checked geometrically per scored frame (retrieved '
+                        'candidates plus those around the motion prediction), over the frames '
+                        'that were verified at all',
+        'no_fix_reasons': "scored frames without a fix, by the localizer's reason",
         'latency_s': "the localizer's own time per frame (embedding + search + estimate), "
                      'seconds',
     }
@@ -345,7 +351,9 @@ def summarize(frames: Sequence[FrameResult], threshold_m: float = 25.0,
                 else 'the ranking by the embedding alone was not recorded')),
         'position_error_m': {'all': error_stats(table.error_m[scored]),
                              'fixes': error_stats(table.error_m[fixes])},
-        'fixes': _fix_summary(table, scored, fixes, fix_threshold_m, images_with_truth),
+        'fixes': {**_fix_summary(table, scored, fixes, fix_threshold_m, images_with_truth),
+                  'no_fix_reasons': _no_fix_reasons(frames, scored & ~table.fix)},
+        'verification': _verification(frames, scored),
         'calibration': calibration_summary(table.error_en[fixes], cov[fixes]),
         'heading_error_deg': _heading(table, scored, frames),
         'latency_s': _latency(frames),
@@ -405,6 +413,24 @@ def _fix_summary(table: FrameTable, scored: np.ndarray, fixes: np.ndarray,
         'precision': good / count if count else None,
         'threshold_m': float(fix_threshold_m),
     }
+
+
+def _no_fix_reasons(frames: Sequence[FrameResult], no_fix: np.ndarray) -> Dict[str, int]:
+    """Count the scored frames without a fix by the localizer's reason."""
+    reasons: Dict[str, int] = {}
+    for frame, missing in zip(frames, no_fix):
+        if missing:
+            reason = frame.no_fix_reason or 'not recorded'
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return dict(sorted(reasons.items()))
+
+
+def _verification(frames: Sequence[FrameResult], scored: np.ndarray) -> Dict[str, Any]:
+    """Return how many database places were verified per scored frame (None: no check)."""
+    counts = [f.checked for f, s in zip(frames, scored) if s and f.checked is not None]
+    return {'frames': len(counts),
+            'candidates_per_frame_mean': float(np.mean(counts)) if counts else None,
+            'candidates_per_frame_max': int(max(counts)) if counts else None}
 
 
 def _heading(table: FrameTable, scored: np.ndarray, frames: Sequence[FrameResult]

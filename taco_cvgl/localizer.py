@@ -103,6 +103,8 @@ class Measurement:
     # localizer: verified place first, then similarity combined with the motion prior).
     retrieval: List[int] = dataclasses.field(default_factory=list)
     tracked: bool = False             # the motion prior's prediction was used for this frame
+    checked: int = 0                  # database places verified geometrically for this frame
+    no_fix_reason: str = ''           # why fix is False ('' for a fix)
 
     def to_dict(self) -> dict:
         """
@@ -127,6 +129,8 @@ class Measurement:
             'verified': self.verified,
             'inliers': int(self.inliers),
             'tracked': bool(self.tracked),
+            'checked': int(self.checked),
+            'no_fix_reason': self.no_fix_reason or None,
             'retrieval': [int(i) for i in self.retrieval],
             'top_k': [{'index': int(m.index), 'image_id': m.image_id, 'latitude': num(m.latitude),
                        'longitude': num(m.longitude), 'heading': num(m.heading),
@@ -338,6 +342,7 @@ class CVGLLocalizer:
             measurement = self._measure(candidates, cand_sims, timestamps[i], yaws[i],
                                         verification, prediction)
             measurement.retrieval = [int(j) for j in found[:top]]
+            measurement.checked = len(checked) if self.reranker is not None else 0
             if measurement.fix and measurement.verified and self.config.prior_radius_m > 0:
                 self.track.update(timestamps[i], to_enu(*self._origin, measurement.latitude,
                                                         measurement.longitude),
@@ -414,6 +419,8 @@ class CVGLLocalizer:
             self._rank_with_prior(matches, idx, prediction)
         if self.reranker is not None:
             self._apply_verification(measurement, pose, idx, verification, yaw)
+        elif not measurement.fix:
+            measurement.no_fix_reason = 'retrieval confidence below min_confidence'
         return measurement
 
     def _apply_verification(self, m: Measurement, pose: PoseEstimate, idx: np.ndarray,
@@ -427,6 +434,7 @@ class CVGLLocalizer:
         m.verified = verification is not None
         if verification is None:
             m.fix = False
+            m.no_fix_reason = 'no candidate verified'
             return
         db = self.database
         config = self.config.rerank
@@ -436,6 +444,8 @@ class CVGLLocalizer:
         m.inliers = verification.inliers
         m.confidence = verification.inliers / (verification.inliers + config.min_inliers)
         m.fix = m.confidence >= self.config.estimator.min_confidence
+        if not m.fix:
+            m.no_fix_reason = 'verified confidence below min_confidence'
         db_heading = float(db.heading[entry])
         if math.isfinite(db_heading):
             m.heading = float(wrap_degrees(db_heading + verification.rotation_deg + yaw))

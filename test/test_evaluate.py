@@ -417,6 +417,33 @@ def test_summarize_counts_failed_and_unscored_frames():
     assert GAUSSIAN_2D_WITHIN_2SIGMA == pytest.approx(0.865, abs=1e-3)
 
 
+def test_summary_counts_verified_places_and_no_fix_reasons():
+    truth = truth_at(0.0)
+    frames = [
+        FrameResult(0, at(0), *truth, est_lat=truth[0], est_lon=truth[1], fix=True,
+                    covariance_en=np.eye(2), checked=4),
+        FrameResult(1, at(1), *truth, est_lat=truth[0], est_lon=truth[1], checked=10,
+                    no_fix_reason='no candidate verified'),
+        FrameResult(2, at(2), *truth, est_lat=truth[0], est_lon=truth[1], checked=1,
+                    no_fix_reason='no candidate verified'),
+        FrameResult(3, at(3), *truth, est_lat=truth[0], est_lon=truth[1],
+                    no_fix_reason='retrieval confidence below min_confidence'),
+        FrameResult(4, at(4), checked=50, no_fix_reason='no candidate verified'),  # no truth
+    ]
+    m = summarize(frames, threshold_m=25.0)
+    # Over the scored frames 0-3; frame 3 was not verified at all.
+    assert m['verification'] == {'frames': 3, 'candidates_per_frame_mean': 5.0,
+                                 'candidates_per_frame_max': 10}
+    assert m['fixes']['no_fix_reasons'] == {
+        'no candidate verified': 2, 'retrieval confidence below min_confidence': 1}
+    assert 'no fix' in format_summary_of(m)
+
+
+def format_summary_of(metrics):
+    from taco_cvgl.tools.evaluate import format_summary
+    return format_summary({**metrics, 'complete': True})
+
+
 def test_interpolate_headings_takes_the_short_way_round():
     stamps = [at(0), at(1), at(3)]
     values = interpolate_headings(stamps, [350.0, 10.0, 90.0],

@@ -67,6 +67,21 @@ def test_a_place_outside_the_map_is_not_a_fix(scene, tile_map):
     far = view_of(scene, 300, 1400, 45.0, seed=9)   # 20 km west of the map
     m = loc.localize(far.image, timestamp=0.0)
     assert m.verified is False and not m.fix
+    assert m.no_fix_reason == 'no candidate verified'
+
+
+def test_each_measurement_says_how_many_places_it_verified(scene, tile_map):
+    tiles = tile_map[2]
+    loc = localizer_for(tile_map, top_k=5, rerank=RerankConfig(candidates=3))
+    tile = tiles[5]
+    m = loc.localize(view_of(scene, tile.col, tile.row, 20.0, seed=3).image, timestamp=0.0)
+    assert m.checked == 3           # the three best retrieved, nothing else: no motion prior
+    assert m.to_dict()['checked'] == 3
+    wide = localizer_for(tile_map, top_k=5, rerank=RerankConfig(candidates=3,
+                                                                acquisition_candidates=7))
+    m = wide.localize(view_of(scene, tile.col, tile.row, 20.0, seed=3).image, timestamp=0.0)
+    assert m.checked == 7           # no lock yet: the acquisition depth
+    assert (m.no_fix_reason == '') == m.fix
 
 
 def test_motion_prior_adds_the_places_near_the_last_fix(scene, tile_map):

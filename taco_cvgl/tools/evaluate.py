@@ -199,6 +199,8 @@ def _fill(frame: FrameResult, m: Measurement, database=None) -> None:
     frame.retrieved = np.array([(x.latitude, x.longitude) for x in m.matches],
                                dtype=float).reshape(-1, 2)
     frame.retrieved_ids = [x.image_id for x in m.matches]
+    frame.checked = int(m.checked) if m.verified is not None else None
+    frame.no_fix_reason = m.no_fix_reason
     if database is not None and m.retrieval:
         frame.retrieval_only = np.stack([database.latitude[m.retrieval],
                                          database.longitude[m.retrieval]], axis=1).astype(float)
@@ -829,6 +831,13 @@ def format_summary(metrics: Dict[str, Any]) -> str:
                  f'{fixes["count"]}, share {_fmt(fixes["share"], percent=True)}, '
                  f'precision {_fmt(fixes["precision"], percent=True)} '
                  f'(<= {fixes["threshold_m"]:g} m)'))
+    if fixes.get('no_fix_reasons'):
+        rows.append(('no fix', ', '.join(f'{n} {reason}'
+                                         for reason, n in fixes['no_fix_reasons'].items())))
+    checked = metrics.get('verification') or {}
+    if checked.get('frames'):
+        rows.append(('verified per frame', f'mean {_fmt(checked["candidates_per_frame_mean"])}  '
+                                           f'max {checked["candidates_per_frame_max"]} places'))
     rows.append(('inside 1 / 2 sigma', f'{_fmt(cal["within_1sigma"], percent=True)} / '
                                        f'{_fmt(cal["within_2sigma"], percent=True)} (Gaussian '
                                        f'39.3 / 86.5 %), scale for 95 % in 2 sigma '
