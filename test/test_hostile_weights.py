@@ -288,7 +288,7 @@ def test_a_killed_writers_file_is_removed_by_the_next_write(tmp_path):
 
 
 def test_signal_handlers_are_left_as_they_were(tmp_path):
-    """A write never replaces a handler (rclpy's live in C, unseen by Python); a command's go back."""
+    """A write never replaces a handler (rclpy's live in C); a command puts its own back."""
     from taco_cvgl.tools.common import reports_errors
     previous = signal.getsignal(signal.SIGTERM)
     try:
