@@ -15,14 +15,20 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from taco_cvgl.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on (x - 127) / 128 of 0..255 pixels: the same on [0, 1].
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
 
-BACKBONES = ('convnext_tiny',)
+BACKBONES = ('convnext_tiny', 'efficientnet_lite2')
+# The mean and std ('imagenet' normalization) each backbone's ImageNet weights were trained on.
+BACKBONE_MEAN_STD = {'convnext_tiny': (IMAGENET_MEAN, IMAGENET_STD),
+                     'efficientnet_lite2': (LITE_MEAN, LITE_STD)}
 POOLINGS = ('avg', 'gem')
 NORMALIZATIONS = ('imagenet', 'per_image')
 # Bounds that keep a config (a file's, perhaps a hostile one) from asking for terabytes: a
@@ -46,7 +52,8 @@ class ModelConfig:
     input_size is (height, width) in pixels after resizing. normalization 'imagenet' subtracts
     mean and divides by std (per channel, RGB order, values in [0, 1]); 'per_image' standardises
     each image's channels by their own mean and std, which cancels global exposure and white
-    balance changes (useful when training from scratch on aerial imagery).
+    balance changes (useful when training from scratch on aerial imagery). mean and std left
+    at None are those the backbone's ImageNet weights were trained with (BACKBONE_MEAN_STD).
     """
 
     backbone: str = 'convnext_tiny'
@@ -57,8 +64,8 @@ class ModelConfig:
     dropout: float = 0.1
     input_size: Tuple[int, int] = (224, 224)
     normalization: str = 'imagenet'
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
+    mean: Optional[Tuple[float, float, float]] = None
+    std: Optional[Tuple[float, float, float]] = None
 
     def __post_init__(self):
         """Validate fields, so a bad config fails where it is made, naming the field."""
@@ -79,6 +86,9 @@ class ModelConfig:
         object.__setattr__(self, 'dropout', dropout)
         # Lists arrive from JSON; keep the dataclass hashable and comparable.
         object.__setattr__(self, 'input_size', _input_size(self.input_size))
+        mean, std = BACKBONE_MEAN_STD[self.backbone]
+        object.__setattr__(self, 'mean', mean if self.mean is None else self.mean)
+        object.__setattr__(self, 'std', std if self.std is None else self.std)
         object.__setattr__(self, 'mean', _floats(self.mean, 'mean', 3, positive=False))
         object.__setattr__(self, 'std', _floats(self.std, 'std', 3, positive=True))
 

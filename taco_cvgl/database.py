@@ -260,6 +260,12 @@ class EmbeddingDatabase:
         if config.embedding_dim != self.dim:
             raise MismatchError(f'database{where} holds {self.dim}-D embeddings but the model '
                                 f'makes {config.embedding_dim}-D ones')
+        if fingerprint != self.model_fingerprint and config.backbone != self.model_config.backbone:
+            raise MismatchError(
+                f'database{where} was built with a {self.model_config.backbone} model but the '
+                f'loaded weights are a {config.backbone} model ({fingerprint}); rebuild the '
+                f'database with these weights (taco-cvgl build-db) or load the '
+                f'{self.model_config.backbone} weights that built it')
         if fingerprint != self.model_fingerprint:
             raise MismatchError(
                 f'database{where} was built with model {self.model_fingerprint} but the loaded '

@@ -1,5 +1,8 @@
 """
-ImageRetrievalModel: ConvNeXt-Tiny -> pooling -> projection head -> L2-normalised embedding.
+ImageRetrievalModel: backbone -> pooling -> projection head -> L2-normalised embedding.
+
+The backbone (ConvNeXt-Tiny or EfficientNet-Lite2, chosen by `ModelConfig.backbone`) and its
+initial weights come from backbones.py.
 
 Weights are saved without pickle (safetensors, with the `ModelConfig` and a fingerprint in the
 header), so a weights file can be loaded safely from anywhere. The fingerprint is a hash of the
@@ -10,22 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 import zipfile
 
 import numpy as np
 from taco_cvgl.atomic import atomic_path
+from taco_cvgl.backbones import (BACKBONE_CHANNELS, build_backbone,  # noqa: F401 - re-exported
+                                 imagenet_weights_path, tensor_state)
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.errors import first_line, InputError, MismatchError, TacoError
 from taco_cvgl.preprocess import prepare_batch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-BACKBONE_CHANNELS = {'convnext_tiny': 768}
 PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
 ZIP_MAGIC = b'PK\x03\x04'      # torch.save and Lightning checkpoints are zip archives
 CHECKPOINT_PREFIX = 'model.'    # RetrievalModule keeps the embedder at self.model
@@ -43,62 +45,6 @@ class GeM(nn.Module):
         """Pool Bx C x H x W to B x C."""
         p = self.p.clamp(min=1.0)
         return x.clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
-
-
-def imagenet_weights_path() -> Path:
-    """Return where torchvision caches the ImageNet ConvNeXt-Tiny weights on this machine."""
-    url = torchvision.models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(url)
-
-
-def load_backbone_state(source: str) -> dict:
-    """
-    Return a torchvision convnext_tiny state dict from 'imagenet' or a local file.
-
-    'imagenet' uses torchvision's cache (downloading into it when the network allows); where the
-    download cannot happen, the error says which file to place where.
-    """
-    if source == 'imagenet':
-        cached = imagenet_weights_path()
-        if cached.is_file():
-            return _load_state_file(cached)
-        weights = torchvision.models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1
-        try:
-            return weights.get_state_dict(progress=True, check_hash=True)
-        except Exception as exc:  # urllib, socket and hash errors all mean "not available"
-            raise TacoError(
-                f'cannot download the ImageNet weights for ConvNeXt-Tiny '
-                f'({exc.__class__.__name__}: {exc}). On a machine with internet run once: '
-                f'python -c "import torchvision; '
-                f"torchvision.models.convnext_tiny(weights='IMAGENET1K_V1')\", or copy "
-                f'{os.path.basename(weights.url)} (from {weights.url}) to {cached}, or pass a '
-                f'local file as the backbone weights, or use none to start from random weights.'
-            ) from None
-    return _load_state_file(Path(source))
-
-
-def _load_state_file(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f'backbone weights file not found: {path}')
-    try:
-        if path.suffix == '.safetensors':
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        state = torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as exc:
-        raise InputError(f'cannot read backbone weights {path}: {first_line(exc)}') from None
-    state = state.get('state_dict', state) if isinstance(state, dict) else state
-    return _tensor_state(state, f'backbone weights {path}')
-
-
-def _tensor_state(state, what: str) -> Dict[str, torch.Tensor]:
-    """Return state when it is a dict of name -> tensor; else say what `what` holds instead."""
-    if not isinstance(state, dict):
-        raise InputError(f'{what}: a {type(state).__name__}, not a state dict of tensors')
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise InputError(f'{what}: entry {key!r} is a {type(value).__name__}, not a tensor')
-    return state
 
 
 def _weights_kind(path: Path) -> str:
@@ -156,7 +102,7 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[ModelConfig, Dict[str, torc
         raise InputError(f'checkpoint {path} is not one of taco-cvgl train: it needs a '
                          f'state_dict and a model_config hyper-parameter')
     config = _stored_config(hparams['model_config'], f'checkpoint {path}')
-    state = _tensor_state(ckpt['state_dict'], f'checkpoint {path}')
+    state = tensor_state(ckpt['state_dict'], f'checkpoint {path}')
     state = {k[len(CHECKPOINT_PREFIX):]: v for k, v in state.items()
              if k.startswith(CHECKPOINT_PREFIX)}
     return config, state, ckpt
@@ -199,28 +145,16 @@ def _shape_difference(expected: dict, stored: dict) -> str:
 
 
 class ImageRetrievalModel(nn.Module):
-    """ConvNeXt-Tiny embedder producing L2-normalised vectors of `config.embedding_dim`."""
+    """A backbone embedder producing L2-normalised vectors of `config.embedding_dim`."""
 
     def __init__(self, config: Optional[ModelConfig] = None,
                  backbone_weights: Optional[str] = None):
         """Build the network; backbone_weights is None, 'imagenet' or a path to a state dict."""
         super().__init__()
         self.config = config or ModelConfig()
-        channels = BACKBONE_CHANNELS[self.config.backbone]
-        convnext = torchvision.models.convnext_tiny(weights=None)
-        if backbone_weights not in (None, '', 'none'):
-            state = load_backbone_state(backbone_weights)
-            missing, unexpected = convnext.load_state_dict(state, strict=False)
-            if any(k.startswith('features.') for k in missing):
-                raise InputError(
-                    f'backbone weights {backbone_weights} are not a ConvNeXt-Tiny state dict '
-                    f'(missing {len(missing)} keys such as {missing[0]})')
-        self.backbone = convnext.features
-        # The ImageNet classifier's LayerNorm follows the pooling; keep it, with its weights.
-        self.norm = nn.LayerNorm(channels, eps=1e-6)
-        classifier_norm = convnext.classifier[0]
-        self.norm.load_state_dict({'weight': classifier_norm.weight.reshape(-1),
-                                   'bias': classifier_norm.bias.reshape(-1)})
+        backbone = build_backbone(self.config.backbone, backbone_weights)
+        channels = backbone.channels
+        self.backbone, self.norm = backbone.features, backbone.norm
         self.pool = GeM(self.config.gem_p) if self.config.pooling == 'gem' else None
         hidden = self.config.head_hidden_dim
         self.head = nn.Sequential(

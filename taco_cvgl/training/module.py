@@ -17,10 +17,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins import TorchCheckpointIO
 import numpy as np
 from taco_cvgl.atomic import atomic_path
+from taco_cvgl.backbones import backbone_stages, batchnorms
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.database import ImageRecord
 from taco_cvgl.embedder import ImageRetrievalModel
-from taco_cvgl.errors import TacoError
+from taco_cvgl.errors import InputError, TacoError
 from taco_cvgl.training.data import (ImageDatabaseDataset, mine_hard_negatives, records_enu,
                                      TripletDataset, write_triplets)
 from taco_cvgl.training.losses import RetrievalLoss
@@ -51,19 +52,25 @@ class RetrievalModule(L.LightningModule):
                  ms_weight: float = 0.0, margin: float = 0.1, temperature: float = 0.07,
                  mining: str = 'hard', pos_radius_m: float = 25.0, neg_radius_m: float = 100.0,
                  threshold_m: float = 25.0, grid_queries: int = 8,
-                 backbone_weights: Optional[str] = None):
+                 backbone_weights: Optional[str] = None, freeze_bn: bool = False,
+                 head_lr_scale: float = 1.0, freeze_stages: int = 0):
         """
         model_config: ModelConfig JSON; backbone_weights: None, 'imagenet' or a file.
 
-        lr is the AdamW peak learning rate reached after warmup_epochs, decaying by a cosine to
-        lr * min_lr_ratio; weight_decay spares biases and norm weights. threshold_m is the
-        validation's hit distance.
+        lr is the AdamW peak learning rate of the backbone, reached after warmup_epochs and
+        decaying by a cosine to lr * min_lr_ratio; the head (norm, pooling, projection) runs at
+        lr * head_lr_scale; weight_decay spares biases and norm weights. freeze_bn keeps the
+        backbone's BatchNorm layers in eval mode (their pretrained statistics unchanged, their
+        affine weights trained): small batches of another domain would otherwise drag them
+        away and destroy pretrained features. freeze_stages: the first N backbone stages do not
+        train. threshold_m is the validation's hit distance.
         """
         super().__init__()
         # backbone_weights only seeds a fresh model; a checkpoint carries the trained weights.
         self.save_hyperparameters(ignore=['backbone_weights'])
         self.config = ModelConfig.from_json(model_config)
         self.model = ImageRetrievalModel(self.config, backbone_weights)
+        self._frozen = self._freeze_stages(int(freeze_stages))
         self.loss = RetrievalLoss(triplet_weight, infonce_weight, ms_weight, margin,
                                   temperature, mining, pos_radius_m, neg_radius_m)
         self._val_outputs: List[tuple] = []
@@ -72,6 +79,30 @@ class RetrievalModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a normalised batch."""
         return self.model(self._layout(x))
+
+    def _freeze_stages(self, count: int) -> List[torch.nn.Module]:
+        """Stop the first `count` backbone stages training; return their modules."""
+        stages = backbone_stages(self.config.backbone, self.model.backbone)
+        if not 0 <= count <= len(stages):
+            raise InputError(f'freeze_stages {count}: {self.config.backbone} has '
+                             f'{len(stages)} stages')
+        frozen = [module for stage in stages[:count] for module in stage]
+        for module in frozen:
+            module.requires_grad_(False)
+        return frozen
+
+    def train(self, mode: bool = True) -> 'RetrievalModule':
+        """Set training mode; frozen stages, and with freeze_bn all backbone BN, stay in eval."""
+        super().train(mode)
+        if mode:
+            fixed = batchnorms(self.model.backbone) if self.hparams.freeze_bn else []
+            for module in fixed + self._frozen:
+                module.eval()
+        return self
+
+    def on_train_start(self) -> None:
+        """Apply freeze_bn: Lightning itself does not call train() when fitting starts."""
+        self.train()
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last speeds convolutions on GPUs; on this CPU it changed nothing.
@@ -110,10 +141,7 @@ class RetrievalModule(L.LightningModule):
     def configure_optimizers(self):
         """Return AdamW (no decay on biases and norms) with per-step warm-up, cosine decay."""
         hp = self.hparams
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
-        plain = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
-        optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': hp.weight_decay},
-                                       {'params': plain, 'weight_decay': 0.0}], lr=hp.lr)
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, int(self.trainer.max_epochs or 1))
         warmup = min(total // 2, int(round(hp.warmup_epochs * total / epochs)))
@@ -125,6 +153,18 @@ class RetrievalModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {'optimizer': optimizer,
                 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
+
+    def _param_groups(self) -> List[dict]:
+        """Return the trainable parameters: backbone at lr, head at lr * head_lr_scale."""
+        hp = self.hparams
+        backbone = {id(p) for p in self.model.backbone.parameters()}
+        groups: Dict[tuple, list] = {}
+        for p in self.model.parameters():
+            if p.requires_grad:
+                scale = 1.0 if id(p) in backbone else float(hp.head_lr_scale)
+                groups.setdefault((scale, hp.weight_decay if p.ndim > 1 else 0.0), []).append(p)
+        return [{'params': params, 'lr': hp.lr * scale, 'weight_decay': decay}
+                for (scale, decay), params in groups.items()]
 
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int,
@@ -276,16 +316,15 @@ class HardNegativeMiner(L.Callback):
         """Embed the training database (no augmentation) with the current weights."""
         loader = DataLoader(ImageDatabaseDataset(self.records, pl_module.config),
                             batch_size=self.batch_size, num_workers=self.num_workers)
-        model = pl_module.model
-        was_training = model.training
-        model.eval()
+        was_training = pl_module.training
+        pl_module.eval()
         chunks = []
         try:
             with trainer.precision_plugin.forward_context():
                 for batch in loader:
                     chunks.append(pl_module(batch['image'].to(pl_module.device)).float().cpu())
         finally:
-            model.train(was_training)
+            pl_module.train(was_training)   # through RetrievalModule.train: freeze_bn holds
         return torch.cat(chunks).numpy()
 
 
