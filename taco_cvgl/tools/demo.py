@@ -208,15 +208,15 @@ def demo_settings(weights='', database=''):
     The node reads them from a params file, the offline evaluation through the same mapping.
     The motion model is the simulated aircraft's: about 50 m/s, gentle turns, and a camera at
     0.2 Hz that may see nothing verifiable (dense forest, haze) for a minute or more. Until the
-    first lock every map tile of the evaluation area is checked (the embedding, trained for
-    minutes on a CPU, cannot be trusted to rank the right one near the top), with a stricter
-    inlier bar so that the wider search does not lock onto a wrong place.
+    first lock (or after losing it) the 20 best retrieved tiles are checked, twice the tracked
+    depth, with a stricter inlier bar so that the wider search does not lock onto a wrong
+    place; the map is never verified whole, so a frame's cost does not grow with the map.
     """
     from taco_cvgl.settings import NodeParams
     return NodeParams(weights=str(weights), database=str(database),
                       image_topics=(IMAGE_TOPIC,), fix_topic=FIX_TOPIC,
                       geopose_topic=GEOPOSE_TOPIC, qos_reliability='reliable', top_k=10,
-                      rerank=True, rerank_candidates=10, rerank_acquisition_candidates=400,
+                      rerank=True, rerank_candidates=10, rerank_acquisition_candidates=20,
                       rerank_acquisition_min_inliers=20,
                       prior_radius_m=2 * STRIDE_PX * PIXEL_M, prior_candidates=9,
                       prior_max_age_s=120.0, track_speed_sigma_mps=50.0,
