@@ -139,6 +139,7 @@ def test_settings_written_as_a_params_file_read_back_equal(tmp_path):
     path = tmp_path / 'demo.yaml'
     path.write_text(settings.defaults_yaml(demo))
     assert settings.settings(path) == demo == _node_settings(path)
-    # By hand: the demo checks 400 places until the first lock, with 20 inliers.
+    # By hand: the demo checks the 20 best retrieved places until the first lock, with 20
+    # inliers, never the whole map.
     rerank = settings.localizer_config(demo).rerank
-    assert (rerank.acquisition_candidates, rerank.acquisition_min_inliers) == (400, 20)
+    assert (rerank.acquisition_candidates, rerank.acquisition_min_inliers) == (20, 20)

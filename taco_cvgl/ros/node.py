@@ -88,7 +88,16 @@ class CVGLNode(Node):
         rcl could not apply is refused rather than ignored.
         """
         super().__init__(NODE_NAME, **kwargs)
-        argv = [*(sys.argv if argv is None else argv), *(kwargs.get('cli_args') or ())]
+        try:
+            self._start([*(sys.argv if argv is None else argv), *(kwargs.get('cli_args') or ())])
+        except BaseException:
+            # A half-built node left to the garbage collector is freed after rclpy's shutdown,
+            # which can crash the process (SIGSEGV) instead of the clean exit code 1.
+            self.destroy_node()
+            raise
+
+    def _start(self, argv: List[str]) -> None:
+        """Check and declare the parameters, load model and map, open the topics, start work."""
         self.params = declare(self, argv)
         from taco_cvgl.localizer import CVGLLocalizer   # torch: after the parameter checks
         self.localizer = CVGLLocalizer.from_settings(self.params)
