@@ -1,5 +1,8 @@
 """
-Write a file under a temporary name and rename it into place, so no reader sees half a file.
+Files written whole and checked whole.
+
+`atomic_path` writes a file under a temporary name and renames it into place, so no reader sees
+half a file; `sha256_of` digests a file in blocks, for checks of what was written or shipped.
 
 The temporary file never outlives its write: it is deleted when the write fails (in the
 `taco-cvgl` commands SIGTERM and SIGHUP raise SystemExit, see tools.common.reports_errors, so a
@@ -10,6 +13,7 @@ handlers C code installed (rclpy's), and replacing them would break that code's 
 
 import contextlib
 import glob
+import hashlib
 import os
 from pathlib import Path
 
@@ -59,3 +63,12 @@ def _running(pid: int) -> bool:
     except OSError:            # EPERM: it runs, as another user
         return True
     return True
+
+
+def sha256_of(path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB blocks (no copy of a large file)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()

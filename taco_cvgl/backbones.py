@@ -11,13 +11,13 @@ definition's names into the wheel's, and the load is strict.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
 import re
 from typing import Dict, List, Optional, Tuple
 
+from taco_cvgl.atomic import sha256_of
 from taco_cvgl.errors import first_line, InputError, TacoError
 import torch
 import torch.nn as nn
@@ -152,13 +152,21 @@ def from_wheel_layout(state: Dict[str, torch.Tensor], model: EfficientNetLite2,
     """
     names = {wheel_key(k): k for k in model.state_dict()}
     spare = {k for k in state if k.startswith('_fc.')} if model.classifier is None else set()
-    missing = sorted(set(names) - set(state))
-    extra = sorted(set(state) - set(names) - spare)
-    if missing or extra:
-        found = f'{len(missing)} tensors missing, such as {missing[0]}' if missing \
-            else f'{len(extra)} unexpected tensors, such as {extra[0]}'
+    found = key_difference(names, set(state) - spare)
+    if found:
         raise InputError(f'{what} are not EfficientNet-Lite2 weights: {found}')
     return {ours: state[theirs] for theirs, ours in names.items()}
+
+
+def key_difference(expected, stored) -> str:
+    """Say which tensor names are missing from, or extra in, `stored` ('' when they agree)."""
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        return f'{len(missing)} tensors missing, such as {missing[0]}'
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        return f'{len(extra)} unexpected tensors, such as {extra[0]}'
+    return ''
 
 
 # ------------------------------------------------------------------------------ weight files
@@ -191,7 +199,7 @@ def lite2_imagenet_state(path: Optional[Path] = None) -> Dict[str, torch.Tensor]
         raise InputError(f'the ImageNet weights of EfficientNet-Lite2 ({where}) are missing: '
                          f'they come with the Python package {LITE2_PACKAGE}; {fix}')
     expected = path.stem.rsplit('-', 1)[-1]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_of(path)
     if not digest.startswith(expected):
         raise InputError(f'the ImageNet weights of EfficientNet-Lite2 {path} are damaged (their '
                          f'SHA-256 is {digest[:8]}..., the name says {expected}); re{fix} '

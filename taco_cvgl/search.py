@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
-from taco_cvgl.atomic import atomic_path
+from taco_cvgl.atomic import atomic_path, sha256_of
 from taco_cvgl.errors import InputError
 import torch
 
@@ -159,7 +159,6 @@ def _read_cached(path: Path, key: str):
     fail deep inside. Anything else is a warning and a rebuild.
     """
     import faiss
-    from taco_cvgl.demo.fetch import sha256_of
     sidecar = path.with_name(path.name + '.json')
     try:
         if not path.is_file():
@@ -181,7 +180,6 @@ def _read_cached(path: Path, key: str):
 def _write_cached(path: Path, key: str, index) -> None:
     """Store the index, and its key, size and digest, beside the database; warn if that fails."""
     import faiss
-    from taco_cvgl.demo.fetch import sha256_of
     sidecar = path.with_name(path.name + '.json')
     try:
         with atomic_path(path) as tmp:

@@ -30,6 +30,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from taco_cvgl.atomic import sha256_of
 from taco_cvgl.config import cache_dir_default
 from taco_cvgl.errors import InputError
 
@@ -46,15 +47,6 @@ SCENE_SHA256 = '0fb64f32bb50e5ff547d5b23c53e3ec52ca0997bc83aef9518829525899d29b8
 # Seconds a connection may stay silent before the fetch gives up.
 TIMEOUT_S = 60.0
 _JSON_TYPE = 'application/vnd.pypi.simple.v1+json'
-
-
-def sha256_of(path: Path) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_good(path: Path, size: int, sha256: str) -> bool:
