@@ -87,10 +87,10 @@ class ModelConfig:
         # Lists arrive from JSON; keep the dataclass hashable and comparable.
         object.__setattr__(self, 'input_size', _input_size(self.input_size))
         mean, std = BACKBONE_MEAN_STD[self.backbone]
-        object.__setattr__(self, 'mean', mean if self.mean is None else self.mean)
-        object.__setattr__(self, 'std', std if self.std is None else self.std)
-        object.__setattr__(self, 'mean', _floats(self.mean, 'mean', 3, positive=False))
-        object.__setattr__(self, 'std', _floats(self.std, 'std', 3, positive=True))
+        object.__setattr__(self, 'mean', _floats(mean if self.mean is None else self.mean,
+                                                 'mean', 3, positive=False))
+        object.__setattr__(self, 'std', _floats(std if self.std is None else self.std,
+                                                'std', 3, positive=True))
 
     def to_dict(self) -> Dict[str, Any]:
         """Return a JSON-serialisable dict."""

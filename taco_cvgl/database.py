@@ -130,14 +130,20 @@ def _csv_record(row: Dict[str, Optional[str]], base: Path, where: str) -> ImageR
     if math.isinf(altitude):
         raise InputError(f'{where}: altitude must be a finite number of metres (or empty when '
                          f'unknown), got {altitude}')
-    if math.isinf(heading) or abs(heading) > 360.0:
-        raise InputError(f'{where}: heading must be degrees clockwise from north in [-360, 360] '
-                         f'(or empty when unknown), got {heading}')
+    heading = checked_heading(heading, where)
     name = (row.get('image_path') or '').strip()
     if not name:
         raise InputError(f'{where}: empty image_path')
     path = Path(name) if os.path.isabs(name) else base / name
-    return ImageRecord(str(path), lat, lon, altitude, heading % 360.0)
+    return ImageRecord(str(path), lat, lon, altitude, heading)
+
+
+def checked_heading(heading: float, where: str) -> float:
+    """Return a heading (degrees clockwise from north) in [0, 360); NaN, unknown, stays NaN."""
+    if math.isinf(heading) or abs(heading) > 360.0:
+        raise InputError(f'{where}: heading must be degrees clockwise from north in [-360, 360] '
+                         f'(or empty when unknown), got {heading}')
+    return heading % 360.0
 
 
 def _parse_float(text: Optional[str], optional: bool) -> float:

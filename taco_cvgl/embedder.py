@@ -20,15 +20,15 @@ import zipfile
 import numpy as np
 from taco_cvgl.atomic import atomic_path
 from taco_cvgl.backbones import (BACKBONE_CHANNELS, build_backbone,  # noqa: F401 - re-exported
-                                 imagenet_weights_path, tensor_state)
+                                 imagenet_weights_path, key_difference, tensor_state)
 from taco_cvgl.config import ModelConfig
 from taco_cvgl.errors import first_line, InputError, MismatchError, TacoError
 from taco_cvgl.preprocess import prepare_batch
+from taco_cvgl.settings import PRECISIONS
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
 ZIP_MAGIC = b'PK\x03\x04'      # torch.save and Lightning checkpoints are zip archives
 CHECKPOINT_PREFIX = 'model.'    # RetrievalModule keeps the embedder at self.model
 
@@ -131,12 +131,9 @@ def _shapes(state: dict) -> Dict[str, Tuple[int, ...]]:
 
 def _shape_difference(expected: dict, stored: dict) -> str:
     """Say how stored tensor shapes differ from those a config makes ('' when they agree)."""
-    missing = sorted(set(expected) - set(stored))
-    if missing:
-        return f'{len(missing)} tensors missing, such as {missing[0]}'
-    extra = sorted(set(stored) - set(expected))
-    if extra:
-        return f'{len(extra)} unexpected tensors, such as {extra[0]}'
+    names = key_difference(expected, stored)
+    if names:
+        return names
     for name in sorted(expected):
         if expected[name] != stored[name]:
             return (f'{name} has shape {list(stored[name])}, the config makes '

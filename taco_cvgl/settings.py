@@ -25,6 +25,8 @@ from taco_cvgl.image_codec import MAX_IMAGE_PIXELS
 
 # A device name: the regular expression it must match, and the same in words.
 DEVICE_PATTERN = (re.compile(r'auto|cpu|cuda(:\d+)?'), 'auto, cpu, cuda or cuda:N')
+# Autocast precisions of the model, by the names every entry point takes.
+PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
 # Inference backends by name (`fastpath.py`).
 FAST_PATHS = ('off', 'auto', 'cuda_graph', 'compile', 'onnxruntime', 'jit', 'int8', 'eager')
 # How the params file and the parameter descriptors mark a setting the running node applies.
@@ -66,7 +68,7 @@ class NodeParams:
         'cuda:N.', pattern=DEVICE_PATTERN)
     precision: str = _field(
         'auto', 'Autocast precision of the model: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 '
-        '(CUDA only) or bf16.', choices=('auto', 'fp32', 'fp16', 'bf16'))
+        '(CUDA only) or bf16.', choices=PRECISIONS)
     fast_path: str = _field(
         'off', 'Inference fast path (taco_cvgl/fastpath.py): off, auto (CUDA graphs on a GPU, '
         'ONNX Runtime or a frozen TorchScript on a CPU), or one backend (int8: static int8 on '

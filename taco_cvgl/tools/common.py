@@ -14,7 +14,7 @@ from taco_cvgl import settings
 from taco_cvgl.errors import TacoError
 
 EXIT_USER_ERROR = 2
-PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
+PRECISIONS = settings.PRECISIONS
 #: Each precision under its PyTorch Lightning name: the one mapping, read both ways.
 LIGHTNING_PRECISION = {'fp32': '32-true', 'bf16': 'bf16-mixed', 'fp16': '16-mixed'}
 PRECISION_METAVAR = '{auto,fp32,fp16,bf16}'

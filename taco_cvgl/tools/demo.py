@@ -36,6 +36,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 from taco_cvgl.atomic import atomic_path
+from taco_cvgl.config import BACKBONES
 from taco_cvgl.errors import TacoError
 from taco_cvgl.tools.common import reports_errors
 
@@ -403,7 +404,7 @@ def main(argv: Optional[list] = None) -> int:
                         help='use these weights instead of training (e.g. GPU-trained ones)')
     parser.add_argument('--seed', type=int, default=0, help='seed of every random choice')
     parser.add_argument('--backbone', default=DemoOptions.backbone,
-                        choices=('auto', 'convnext_tiny', 'efficientnet_lite2'),
+                        choices=('auto',) + BACKBONES,
                         help='backbone to fine-tune (auto: as taco-cvgl train; here '
                              'EfficientNet-Lite2 from its wheel unless the torchvision ConvNeXt '
                              'file is cached)')

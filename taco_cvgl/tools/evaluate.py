@@ -530,7 +530,7 @@ def _utm_transformer(epsg: int):
 
 def vpr_record(path: Path) -> ImageRecord:
     """Return an image's record from its VPR file name: latitude/longitude, else UTM."""
-    from taco_cvgl.database import check_coordinates, ImageRecord
+    from taco_cvgl.database import check_coordinates, checked_heading, ImageRecord
     fields = vpr_fields(path)
     try:
         if fields.get('latitude') and fields.get('longitude'):
@@ -542,9 +542,7 @@ def vpr_record(path: Path) -> ImageRecord:
         raise InputError(f'{path}: {exc} (a VPR file name is {VPR_NAME}, with latitude and '
                          f'longitude or the UTM fields)') from None
     check_coordinates(lat, lon, str(path))
-    if abs(heading) > 360.0:
-        raise InputError(f'{path}: heading {heading} is not degrees in [-360, 360]')
-    return ImageRecord(str(path), lat, lon, heading=heading % 360.0)
+    return ImageRecord(str(path), lat, lon, heading=checked_heading(heading, str(path)))
 
 
 def dataset_records(folder: Optional[Path], csv_file: Optional[Path], side: str

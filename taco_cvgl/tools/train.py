@@ -22,11 +22,11 @@ import warnings
 from taco_cvgl.atomic import atomic_path
 from taco_cvgl.config import BACKBONES
 from taco_cvgl.errors import InputError, MismatchError
-from taco_cvgl.tools.common import LIGHTNING_PRECISION, precision_name, reports_errors
+from taco_cvgl.tools.common import (LIGHTNING_PRECISION, precision_name, PRECISIONS,
+                                    reports_errors)
 
 WEIGHTS_NAME = 'weights.safetensors'
 RUN_FILE = 'run.json'
-PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 # What Lightning restores a run from, beyond the model: a weights-only file cannot resume.
 RESUME_STATE = {'optimizer_states': list, 'lr_schedulers': list, 'loops': dict}
 
