@@ -9,14 +9,12 @@ path (they stop before the model loads, in well under a second each); the rest r
 rclpy nodes in this process.
 """
 
-import subprocess
-
 import pytest
 import rclpy
 from rclpy.node import Node
 from taco_cvgl.errors import InputError
 from taco_cvgl.ros import params
-from test_node import log_of, new_domain, process_env, start_node, stop
+from test_node import refused_starts
 from test_params import CONFIG, own_domain  # noqa: F401 - own_domain: this module's domain
 
 EXIT_TIMEOUT_S = 60.0
@@ -49,20 +47,11 @@ def test_node_process_refuses_what_rcl_would_drop(tmp_path):
         'fix_topic': (['-p', 'fix_topic:=bad topic!'],
                       ['parameter fix_topic', "'bad topic!'", 'not a valid topic name']),
     }
-    env = process_env(new_domain())
-    procs = {name: start_node('cvgl_hostile', args, env, tmp_path / f'{name}.log')
-             for name, (args, _) in cases.items()}
-    for name, (_, expected) in cases.items():
-        proc = procs[name]
-        try:
-            proc.wait(EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass  # the exit code below says so, with the log
-        finally:
-            stop(proc)
-        log = log_of(proc)
+    for name, (code, log) in refused_starts('cvgl_hostile', cases, tmp_path,
+                                            EXIT_TIMEOUT_S).items():
+        expected = cases[name][1]
         errors = [line for line in log.splitlines() if 'error: ' in line]
-        assert proc.returncode == 1, f'{name}: exit code {proc.returncode}\n{log}'
+        assert code == 1, f'{name}: exit code {code}\n{log}'
         assert len(errors) == 1 and 'Traceback' not in log, f'{name}:\n{log}'
         for text in expected:
             assert text in errors[0], f'{name}: {text!r} not in {errors[0]!r}'

@@ -275,6 +275,28 @@ def with_stamp(messages, stamp):
     return [m for m in messages if stamp_of(m) == stamp]
 
 
+def refused_starts(node_name, cases, tmp_path, timeout_s):
+    """
+    Start one node process per case at once (case: (ROS args, expected)); wait for each.
+
+    Return {case: (exit code, log)}; a node still running after timeout_s is stopped, so its
+    exit code says so.
+    """
+    env = process_env(new_domain())
+    procs = {case: start_node(node_name, args, env, tmp_path / f'{case}.log')
+             for case, (args, _) in cases.items()}
+    results = {}
+    for case, proc in procs.items():
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            stop(proc)
+        results[case] = (proc.returncode, log_of(proc))
+    return results
+
+
 def log_of(proc) -> str:
     """Return what a node process has logged so far."""
     return Path(proc.log_path).read_text(errors='replace')
@@ -556,17 +578,10 @@ def test_start_errors_name_the_parameter_and_file(small_map, tmp_path):
         'params_file': (['--params-file', str(tmp_path / 'nope.yaml')],
                         ['bad ROS arguments', str(tmp_path / 'nope.yaml')]),
     }
-    env = process_env(new_domain())
-    procs = {name: start_node('cvgl_bad', args, env, tmp_path / f'{name}.log')
-             for name, (args, _) in cases.items()}
-    for name, (_, expected_text) in cases.items():
-        proc = procs[name]
-        try:
-            proc.wait(START_TIMEOUT_S)
-        finally:
-            stop(proc)
-        log = log_of(proc)
-        assert proc.returncode == 1, f'{name}: exit code {proc.returncode}\n{log}'
+    for name, (code, log) in refused_starts('cvgl_bad', cases, tmp_path,
+                                            START_TIMEOUT_S).items():
+        expected_text = cases[name][1]
+        assert code == 1, f'{name}: exit code {code}\n{log}'
         assert 'error: ' in log and 'Traceback' not in log, f'{name}:\n{log}'
         for text in expected_text:
             assert text in log, f'{name}: {text!r} not in\n{log}'
