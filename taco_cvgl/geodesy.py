@@ -55,8 +55,9 @@ def from_enu(lat0: float, lon0: float, east, north) -> Tuple[np.ndarray, np.ndar
 
 
 def wrap_degrees(angle) -> np.ndarray:
-    """Wrap angles in degrees into [0, 360)."""
-    return np.mod(np.asarray(angle, dtype=float), 360.0)
+    """Wrap angles in degrees into [0, 360) (a tiny negative angle gives 0, not 360)."""
+    wrapped = np.mod(np.asarray(angle, dtype=float), 360.0)
+    return np.where(wrapped >= 360.0, 0.0, wrapped)
 
 
 def angle_difference_deg(a, b) -> np.ndarray:

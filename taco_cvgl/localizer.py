@@ -14,13 +14,22 @@ from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError, MismatchError, TacoError
 from taco_cvgl.estimate import estimate_pose, EstimatorConfig, mahalanobis_sq, PoseEstimate
-from taco_cvgl.geodesy import from_enu, to_enu, wrap_degrees
-from taco_cvgl.preprocess import to_rgb_array
+from taco_cvgl.geodesy import angle_difference_deg, from_enu, to_enu, wrap_degrees
+from taco_cvgl.heading import HeadingPrior, merge_rotations, north_up, rotation_agrees, \
+    tta_angles
+from taco_cvgl.preprocess import image_to_tensor
 from taco_cvgl.rerank import (offset_to_enu, RerankConfig, Reranker, Verification,
                               verified_position_sigma_m)
 from taco_cvgl.search import make_index
 from taco_cvgl.tracking import ConstantVelocityTrack, TrackConfig
 import torch
+
+
+# How the cameras look at the ground (see LocalizerConfig.camera_model).
+CAMERA_MODELS = ('nadir', 'forward')
+# A forward camera's map entries within about a field of view of the prior count as facing the
+# same way: the spread added to the prior's sigma before an entry's heading is weighed.
+FORWARD_HEADING_SPREAD_DEG = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +52,16 @@ class LocalizerConfig:
     track_speed_sigma_mps: float = 10.0
     # Ranking with the prior: score = similarity / temperature - squared Mahalanobis / 2.
     prior_similarity_temperature: float = 0.05
+    # Heading prior (taco_cvgl/heading.py). nadir: a query with a prior is turned north-up
+    # before it is embedded and verification accepts only rotations within heading_gate_sigmas
+    # of it; without one it is embedded at rotation_tta rotations, each entry keeping its best
+    # similarity. forward: entries facing away from the prior are ranked down. After a verified
+    # fix its heading is the prior of later frames without one, its sigma growing by
+    # track_heading_rate_sigma_dps (0: not used), for at most prior_max_age_s.
+    camera_model: str = 'nadir'
+    rotation_tta: int = 1
+    heading_gate_sigmas: float = 3.0
+    track_heading_rate_sigma_dps: float = 0.0
 
     def __post_init__(self):
         """Refuse a top_k below 1."""
@@ -53,6 +72,15 @@ class LocalizerConfig:
         if not self.prior_similarity_temperature > 0:
             raise InputError('prior_similarity_temperature must be > 0, got '
                              f'{self.prior_similarity_temperature}')
+        if self.camera_model not in CAMERA_MODELS:
+            raise InputError(f'camera_model must be one of {", ".join(CAMERA_MODELS)}, got '
+                             f'{self.camera_model!r}')
+        if int(self.rotation_tta) < 1 or not self.heading_gate_sigmas > 0 or \
+                not self.track_heading_rate_sigma_dps >= 0:
+            raise InputError('rotation_tta >= 1, heading_gate_sigmas > 0 and '
+                             'track_heading_rate_sigma_dps >= 0 required, got '
+                             f'{self.rotation_tta}, {self.heading_gate_sigmas}, '
+                             f'{self.track_heading_rate_sigma_dps}')
         if self.prior_radius_m > 0 and self.rerank is None:
             raise InputError('the motion prior (prior_radius_m > 0) needs re-ranking enabled: '
                              'only a geometric check can accept a place the retrieval missed')
@@ -105,6 +133,9 @@ class Measurement:
     tracked: bool = False             # the motion prior's prediction was used for this frame
     checked: int = 0                  # database places verified geometrically for this frame
     no_fix_reason: str = ''           # why fix is False ('' for a fix)
+    # Where the heading prior came from: 'given' (topic, flag), 'track' (the last verified
+    # fix), 'tta' (none: the query was embedded at several rotations) or '' (none used).
+    heading_source: str = ''
 
     def to_dict(self) -> dict:
         """
@@ -131,6 +162,7 @@ class Measurement:
             'tracked': bool(self.tracked),
             'checked': int(self.checked),
             'no_fix_reason': self.no_fix_reason or None,
+            'heading_source': self.heading_source or None,
             'retrieval': [int(i) for i in self.retrieval],
             'top_k': [{'index': int(m.index), 'image_id': m.image_id, 'latitude': num(m.latitude),
                        'longitude': num(m.longitude), 'heading': num(m.heading),
@@ -279,27 +311,43 @@ class CVGLLocalizer:
                     self.reranker.database_features(index)
 
     def localize(self, image, timestamp: Optional[float] = None, color_order: str = 'rgb',
-                 camera_yaw_deg: float = 0.0) -> Measurement:
+                 camera_yaw_deg: float = 0.0,
+                 heading: Optional[HeadingPrior] = None) -> Measurement:
         """Localize one image (numpy HxWx3 uint8, PIL image or tensor)."""
-        return self.localize_batch([image], [timestamp], [camera_yaw_deg], color_order)[0]
+        return self.localize_batch([image], [timestamp], [camera_yaw_deg], color_order,
+                                   [heading])[0]
+
+    def reset_track(self) -> None:
+        """Forget the motion track and the heading it remembers (the robot was moved)."""
+        self.track.reset()
 
     def localize_batch(self, images: Sequence, timestamps: Optional[Sequence] = None,
                        camera_yaws_deg: Optional[Sequence[float]] = None,
-                       color_order: str = 'rgb') -> List[Measurement]:
+                       color_order: str = 'rgb',
+                       headings: Optional[Sequence[Optional[HeadingPrior]]] = None
+                       ) -> List[Measurement]:
         """
         Localize several images (e.g. one per camera) in one batch on the device.
 
         camera_yaws_deg: each camera's mounting yaw relative to the robot's forward axis,
         counter-clockwise positive (REP-103); the returned heading is the robot's.
+        headings: a HeadingPrior of the robot (or None) per image, e.g. from a compass.
         """
         if self.database is None:
             raise TacoError('no map loaded: call load_map(path) first')
         n = len(images)
         timestamps = list(timestamps) if timestamps is not None else [None] * n
         yaws = list(camera_yaws_deg) if camera_yaws_deg is not None else [0.0] * n
+        given = list(headings) if headings is not None else [None] * n
+        if not len(timestamps) == len(yaws) == len(given) == n:
+            raise InputError(f'{n} images but {len(timestamps)} timestamps, {len(yaws)} yaws '
+                             f'and {len(given)} headings')
         start = time.perf_counter()
-        queries = self.model.encode_batch(list(images), batch_size=max(1, n),
-                                          color_order=color_order,
+        priors = [g if g is not None else self.track.heading_prior(
+            t, self.config.track_heading_rate_sigma_dps) for g, t in zip(given, timestamps)]
+        views, owner, view_order = self._query_views(images, color_order, priors, yaws)
+        vectors = self.model.encode_batch(views, batch_size=max(1, len(views)),
+                                          color_order=view_order,
                                           keep_on_device=self.model.device.type == 'cuda')
         rerank = self.config.rerank
         tracked = self.config.top_k if rerank is None else \
@@ -310,30 +358,37 @@ class CVGLLocalizer:
         # approximate index, hundreds of neighbours per frame cost more than the frame).
         searched = acquiring_k if any(self._predict(t) is None for t in timestamps) \
             else tracked
-        indices, sims = self.index.search(queries, searched)
+        all_indices, all_sims = self.index.search(vectors, searched)
         out = []
         for i in range(n):
             verification = None
             top = self.config.top_k
-            found, found_sims = indices[i], sims[i]
+            rows = [v for v, frame in enumerate(owner) if frame == i]
+            queries = vectors[rows]
             prediction = self._predict(timestamps[i])
+            found, found_sims = self._merged(all_indices[rows], all_sims[rows], searched)
             if self.reranker is not None and prediction is None and searched < acquiring_k:
                 # The track was lost within this batch: search this frame again, deeper.
-                deeper, deeper_sims = self.index.search(queries[i:i + 1], acquiring_k)
-                found, found_sims = deeper[0], deeper_sims[0]
+                deeper, deeper_sims = self.index.search(queries, acquiring_k)
+                found, found_sims = self._merged(deeper, deeper_sims, acquiring_k)
+            prior = priors[i]
+            if prior is not None and self.config.camera_model == 'forward':
+                found, found_sims = self._facing(found, found_sims,
+                                                 prior.camera_heading(yaws[i]), prior.sigma_deg)
             candidates, cand_sims = found[:top], found_sims[:top]
             if self.reranker is not None:
                 acquiring = prediction is None
                 count = rerank.acquiring_candidates if acquiring else rerank.candidates
                 bar = rerank.acquiring_min_inliers if acquiring else rerank.min_inliers
                 checked = [int(j) for j in found[:count]]
-                prior, prior_sims = self._prior(queries[i], checked, prediction)
-                features = self.reranker.query_features(to_rgb_array(images[i], color_order))
-                checked += prior.tolist()
-                verification = self.reranker.verify(features, checked, bar)
+                near, near_sims = self._prior(queries, checked, prediction)
+                features = self.reranker.query_features(self._rgb(images[i], color_order))
+                checked += near.tolist()
+                verification = self.reranker.verify(features, checked, bar,
+                                                    accept=self._rotation_gate(prior, yaws[i]))
                 # The estimate also sees every place that was checked beyond the top_k.
                 similarity = dict(zip(found.tolist(), found_sims.tolist()))
-                similarity.update(zip(prior.tolist(), prior_sims.tolist()))
+                similarity.update(zip(near.tolist(), near_sims.tolist()))
                 top_set = set(candidates.tolist())
                 extra = [j for j in checked if j not in top_set]
                 candidates = np.concatenate([candidates, extra]).astype(np.int64)
@@ -343,15 +398,88 @@ class CVGLLocalizer:
                                         verification, prediction)
             measurement.retrieval = [int(j) for j in found[:top]]
             measurement.checked = len(checked) if self.reranker is not None else 0
-            if measurement.fix and measurement.verified and self.config.prior_radius_m > 0:
-                self.track.update(timestamps[i], to_enu(*self._origin, measurement.latitude,
-                                                        measurement.longitude),
-                                  measurement.position_covariance[:2, :2])
+            measurement.heading_source = prior.source if prior is not None else \
+                ('tta' if len(rows) > 1 else '')
+            if measurement.fix and measurement.verified:
+                if self.config.prior_radius_m > 0:
+                    self.track.update(timestamps[i], to_enu(
+                        *self._origin, measurement.latitude, measurement.longitude),
+                        measurement.position_covariance[:2, :2])
+                self.track.remember_heading(timestamps[i], measurement.heading,
+                                            math.degrees(math.sqrt(
+                                                measurement.heading_variance)))
             out.append(measurement)
         latency = (time.perf_counter() - start) / max(1, n)
         for measurement in out:
             measurement.latency_s = latency
         return out
+
+    @staticmethod
+    def _rgb(image, color_order: str) -> np.ndarray:
+        """Return any accepted image (array, PIL image, tensor) as an HxWx3 uint8 RGB array."""
+        tensor = image_to_tensor(image, color_order)
+        return np.ascontiguousarray(tensor.permute(1, 2, 0).cpu().numpy())
+
+    def _query_views(self, images: Sequence, color_order: str,
+                     priors: Sequence[Optional[HeadingPrior]], yaws: Sequence[float]):
+        """
+        Return (images to embed, the frame each belongs to, their colour order).
+
+        A downward camera's image is turned north-up by its heading prior, or without one
+        tried at rotation_tta rotations; anything else is embedded as it comes.
+        """
+        config = self.config
+        if config.camera_model != 'nadir' or (config.rotation_tta == 1 and
+                                              all(p is None for p in priors)):
+            return list(images), list(range(len(images))), color_order
+        views, owner = [], []
+        for i, image in enumerate(images):
+            rgb = self._rgb(image, color_order)
+            if priors[i] is not None:
+                angles = [priors[i].camera_heading(yaws[i])]
+            else:
+                angles = tta_angles(config.rotation_tta) if config.rotation_tta > 1 else [None]
+            for angle in angles:
+                views.append(rgb if angle is None else north_up(rgb, angle))
+                owner.append(i)
+        return views, owner, 'rgb'
+
+    @staticmethod
+    def _merged(indices, sims, k: int):
+        """Return one frame's (indices, similarities): of its only query, or merged rotations."""
+        if len(indices) == 1:
+            return indices[0], sims[0]
+        found, found_sims, _ = merge_rotations(list(indices), list(sims), k)
+        return found, found_sims
+
+    def _facing(self, found: np.ndarray, sims: np.ndarray, camera_heading: float,
+                sigma_deg: float):
+        """
+        Rank down a forward camera's entries that face away from the prior heading.
+
+        similarity - temperature x (angle / spread)^2 / 2, the prior's sigma widened by
+        FORWARD_HEADING_SPREAD_DEG (entries without a heading are left as they are).
+        """
+        entry_heading = self.database.heading[found]
+        angle = np.nan_to_num(angle_difference_deg(entry_heading, camera_heading), nan=0.0)
+        spread = math.hypot(sigma_deg, FORWARD_HEADING_SPREAD_DEG)
+        adjusted = sims - self.config.prior_similarity_temperature * 0.5 * (angle / spread) ** 2
+        order = np.argsort(-adjusted, kind='stable')
+        return found[order], adjusted[order].astype(np.float32)
+
+    def _rotation_gate(self, prior: Optional[HeadingPrior], yaw: float):
+        """Return verify's accept(index, rotation) for a downward camera's prior, or None."""
+        if prior is None or self.config.camera_model != 'nadir':
+            return None
+        camera_heading = prior.camera_heading(yaw)
+        headings = self.database.heading
+        gate = self.config.heading_gate_sigmas
+
+        def accept(index: int, rotation_deg: float) -> bool:
+            entry = float(headings[index])
+            expected = camera_heading - (entry if math.isfinite(entry) else 0.0)
+            return rotation_agrees(rotation_deg, expected, prior.sigma_deg, gate)
+        return accept
 
     def _predict(self, timestamp):
         """Return the track's (position, covariance) at this time, or None (no prior)."""
@@ -359,13 +487,14 @@ class CVGLLocalizer:
             return None
         return self.track.predict(timestamp)
 
-    def _prior(self, query, checked: Sequence[int], prediction):
+    def _prior(self, queries, checked: Sequence[int], prediction):
         """
         Return (indices, similarities) of the places inside the prediction's gate, not checked.
 
         The gate is the 3-sigma ellipse of the prediction's covariance widened by
         prior_radius_m (its 3-sigma radius when the prediction is exact); the nearest
-        prior_candidates places inside it by Mahalanobis distance are returned.
+        prior_candidates places inside it by Mahalanobis distance are returned. queries: the
+        frame's query vectors (several rotations: each place takes its best).
         """
         config = self.config
         none = (np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -380,8 +509,9 @@ class CVGLLocalizer:
         if not near:
             return none
         # Their similarities are computed exactly, so the estimate weighs them like the rest.
-        vector = np.asarray(query.detach().float().cpu(), dtype=np.float32)
-        sims = self.database.embeddings[near].astype(np.float32) @ vector
+        vectors = np.asarray(queries.detach().float().cpu(), dtype=np.float32).reshape(
+            -1, self.database.embeddings.shape[1])
+        sims = (self.database.embeddings[near].astype(np.float32) @ vectors.T).max(axis=1)
         return np.array(near, np.int64), sims.astype(np.float32)
 
     def _rank_with_prior(self, matches: List[Match], idx: np.ndarray, prediction) -> None:

@@ -123,17 +123,23 @@ class Reranker:
         return Features(rgb, self.detector)
 
     def verify(self, query: Features, candidates: Sequence[int],
-               min_inliers: Optional[int] = None) -> Optional[Verification]:
+               min_inliers: Optional[int] = None,
+               accept: Optional[Callable[[int, float], bool]] = None) -> Optional[Verification]:
         """
         Return the best verified candidate among `candidates` (database indices), or None.
 
         Every candidate given is checked: the caller chooses how many (RerankConfig.candidates).
-        min_inliers overrides the configured bar (e.g. the acquisition bar).
+        min_inliers overrides the configured bar (e.g. the acquisition bar). accept(index,
+        rotation_deg), when given, may refuse a candidate whose fitted rotation disagrees with
+        what is known (a heading prior); a refused candidate counts 0 inliers.
         """
         bar = self.config.min_inliers if min_inliers is None else int(min_inliers)
         best, counts = None, []
         for rank, index in enumerate(candidates):
             result = self._match(query, self.database_features(int(index)))
+            if result is not None and accept is not None and \
+                    not accept(int(index), _rotation_deg(result[0])):
+                result = None
             counts.append(0 if result is None else result[1])
             if result is not None and result[1] >= bar and \
                     (best is None or result[1] > best[1][1]):
@@ -146,12 +152,10 @@ class Reranker:
         centre_q = np.array([(w_q - 1) / 2.0, (h_q - 1) / 2.0, 1.0])
         centre_db = np.array([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0])
         offset = matrix @ centre_q - centre_db
-        up = matrix[:, :2] @ np.array([0.0, -1.0])      # query "up" in candidate pixels
-        rotation = math.degrees(math.atan2(up[0], -up[1])) % 360.0
-        scale = float(np.linalg.norm(up))
+        scale = float(np.linalg.norm(matrix[:, :2] @ np.array([0.0, -1.0])))
         return Verification(index=int(candidates[rank]), inliers=inliers, residual_px=residual,
-                            offset_px=offset,
-                            rotation_deg=rotation, scale=scale, inliers_per_candidate=counts)
+                            offset_px=offset, rotation_deg=_rotation_deg(matrix), scale=scale,
+                            inliers_per_candidate=counts)
 
     def _match(self, query: Features, ref: Features):
         if len(query.points) < 3 or len(ref.points) < 3:
@@ -172,6 +176,12 @@ class Reranker:
         projected = src[mask] @ matrix[:, :2].T + matrix[:, 2]
         residual = float(np.sqrt(np.mean(np.sum((projected - dst[mask]) ** 2, axis=1))))
         return matrix, int(mask.sum()), residual
+
+
+def _rotation_deg(matrix: np.ndarray) -> float:
+    """Return the bearing (degrees, clockwise) of the query's image top in the candidate."""
+    up = matrix[:, :2] @ np.array([0.0, -1.0])      # query "up" in candidate pixels
+    return math.degrees(math.atan2(up[0], -up[1])) % 360.0
 
 
 def offset_to_enu(offset_px: np.ndarray, gsd_m: float, image_heading_deg: float) -> np.ndarray:

@@ -89,6 +89,40 @@ class NodeParams:
         "robot's forward axis, degrees counter-clockwise seen from above (REP-103): 90.0 looks "
         "left. Turns the matched camera heading into the robot's heading.",
         low=-_YAW_LIMIT_DEG, high=_YAW_LIMIT_DEG, runtime=True)
+    camera_model: str = _field(
+        'nadir', 'How the cameras look: nadir (straight down at north-up map tiles: with a '
+        'heading prior the image is turned north-up before it is embedded, without one it is '
+        'embedded at '
+        'rotation_tta rotations) or forward (street level: map entries facing away from the '
+        'prior heading are ranked down).', choices=('nadir', 'forward'))
+    orientation_topic: str = _field(
+        '', 'Input orientation of the robot (compass, IMU, autopilot) used as a heading prior, '
+        'matched to each image by time: sensor_msgs/Imu (orientation in ENU, REP-145; its yaw '
+        'variance is that of the prior) or geometry_msgs/QuaternionStamped (see '
+        'orientation_type). '
+        'Empty: no prior from a topic.')
+    orientation_type: str = _field(
+        'imu', 'Message type of orientation_topic: imu (sensor_msgs/Imu) or quaternion '
+        '(geometry_msgs/QuaternionStamped).', choices=('imu', 'quaternion'))
+    orientation_sigma_deg: float = _field(
+        10.0, 'Heading prior uncertainty (1 sigma, degrees) when the orientation message gives '
+        'none (QuaternionStamped, or an Imu whose covariance is all zeros).', low=0.1,
+        high=180.0, runtime=True)
+    orientation_max_age_s: float = _field(
+        0.5, 'Largest time between an image and the orientation message matched to it (s); '
+        'farther, the image is localized without a prior (counted in /diagnostics).',
+        low=0.0, high=60.0, runtime=True)
+    rotation_tta: int = _field(
+        8, 'Downward camera, no heading prior: the image is embedded at this many rotations '
+        '(360/N apart) and each map entry keeps its best similarity; 1 embeds it as it comes.',
+        low=1, high=36, runtime=True)
+    heading_gate_sigmas: float = _field(
+        3.0, 'With a heading prior, verification accepts only rotations within this many sigma '
+        'of the prior (at least 5 degrees).', low=0.5, high=100.0, runtime=True)
+    track_heading_rate_sigma_dps: float = _field(
+        10.0, 'After a verified fix its heading is the prior of the next frames without one, its '
+        'sigma growing by this many degrees per second (how fast the platform turns); 0 '
+        'disables the prior from the track.', low=0.0, high=1000.0, runtime=True)
     image_transport: str = _field(
         'raw', 'raw: sensor_msgs/Image on each image topic; compressed: '
         'sensor_msgs/CompressedImage on <topic>/compressed (image_transport naming).',
@@ -381,4 +415,7 @@ def localizer_config(params: NodeParams):
                            prior_max_age_s=params.prior_max_age_s,
                            prior_candidates=params.prior_candidates,
                            track_speed_sigma_mps=params.track_speed_sigma_mps,
-                           track_accel_sigma_mps2=params.track_accel_sigma_mps2)
+                           track_accel_sigma_mps2=params.track_accel_sigma_mps2,
+                           camera_model=params.camera_model, rotation_tta=params.rotation_tta,
+                           heading_gate_sigmas=params.heading_gate_sigmas,
+                           track_heading_rate_sigma_dps=params.track_heading_rate_sigma_dps)

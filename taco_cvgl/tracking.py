@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 from taco_cvgl.errors import InputError
+from taco_cvgl.heading import prior_from_track
 
 # Squared Mahalanobis distance of a 2-D innovation beyond which a verified fix restarts the
 # track: the chi-square (2 dof) quantile at 1 - 1e-5.
@@ -64,6 +65,31 @@ class ConstantVelocityTrack:
         self.stamp: Optional[float] = None
         self.updates = 0
         self.restarts = 0
+        self.heading: Optional[Tuple[Optional[float], float, float]] = None
+
+    def remember_heading(self, stamp: Optional[float], heading_deg: float,
+                         sigma_deg: float) -> None:
+        """Keep the heading of a verified fix (degrees from north, 1-sigma in degrees)."""
+        if math.isfinite(heading_deg) and math.isfinite(sigma_deg):
+            self.heading = (None if stamp is None else float(stamp), float(heading_deg),
+                            float(sigma_deg))
+
+    def heading_prior(self, stamp: Optional[float], rate_sigma_dps: float):
+        """
+        Return the last verified heading as a HeadingPrior at `stamp`, or None.
+
+        Its sigma grows by rate_sigma_dps per second since that fix (how fast the platform
+        turns); None without a remembered heading, a time, a positive rate, or past max_age_s.
+        """
+        if self.heading is None or stamp is None or self.heading[0] is None or \
+                not rate_sigma_dps > 0:
+            return None
+        dt = float(stamp) - self.heading[0]
+        if -self.config.reorder_tolerance_s <= dt < 0.0:
+            dt = 0.0
+        if not 0.0 <= dt <= self.config.max_age_s:
+            return None
+        return prior_from_track(self.heading[1], self.heading[2], dt, rate_sigma_dps)
 
     @property
     def active(self) -> bool:

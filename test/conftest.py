@@ -8,7 +8,11 @@ import cv2
 import numpy as np
 import pytest
 from taco_cvgl.config import ModelConfig
+from taco_cvgl.database import build_database, read_csv
+from taco_cvgl.demo.scene import Box, make_tiles, write_tiles
+from taco_cvgl.demo.views import Appearance, render_view
 from taco_cvgl.embedder import ImageRetrievalModel
+from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
 import torch
 
 # Camera-sized crops (height, width) cut from the scene for the map and the node tests.
@@ -74,3 +78,39 @@ def small_map(scene, tmp_path_factory):
              precision='fp32', progress=False)
     return types.SimpleNamespace(weights=weights, db=db, images_dir=images_dir,
                                  csv=images_dir / 'places.csv', places=places)
+
+
+# Map tiles: 96 scene pixels (30 m) resampled to 256 px.
+GSD_M = 96 * 30.0 / 256
+
+
+@pytest.fixture(scope='session')
+def tile_map(scene, tmp_path_factory):
+    """Return (random-init 64 px model, database path, tiles) of 5 x 4 real Landsat tiles."""
+    root = tmp_path_factory.mktemp('tile_map')
+    region = Box(1000, 700, 1000 + 4 * 48 + 96, 700 + 3 * 48 + 96)
+    tiles = make_tiles(scene, 96, 48, region, out_px=256)
+    csv_path = write_tiles(tiles, root / 'tiles', image_format='jpg')
+    torch.manual_seed(0)
+    model = ImageRetrievalModel(ModelConfig(input_size=(64, 64))).to_runtime('cpu')
+    weights = root / 'w.safetensors'
+    model.save(weights)
+    model = ImageRetrievalModel.load(weights, device='cpu')
+    db = build_database(model, read_csv(csv_path), progress=False)
+    db.meta['gsd_m'] = GSD_M
+    db.save(root / 'map.npz')
+    return model, root / 'map.npz', tiles
+
+
+def view_of(scene, col, row, heading, seed):
+    """Return a simulated 256 px camera view centred at (col, row), image top at heading."""
+    return render_view(scene, (col, row), heading, 1.1, (4.0, -3.0), 256,
+                       np.random.default_rng(seed), Appearance(strength=0.6), 96)
+
+
+def localizer_for(tile_map, **config):
+    """Return a localizer over the tile map with the given LocalizerConfig fields."""
+    model, db_path, tiles = tile_map
+    localizer = CVGLLocalizer(model, LocalizerConfig(**config))
+    localizer.load_map(db_path)
+    return localizer

@@ -2,50 +2,16 @@
 
 import math
 
+from conftest import GSD_M, localizer_for, view_of
 import numpy as np
 import pytest
 from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import build_database, read_csv
-from taco_cvgl.demo.scene import Box, make_tiles, write_tiles
-from taco_cvgl.demo.views import Appearance, render_view
 from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError
 from taco_cvgl.geodesy import angle_difference_deg, distance_m
 from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
 from taco_cvgl.rerank import offset_to_enu, RerankConfig
 import torch
-
-GSD_M = 96 * 30.0 / 256   # tiles: 96 scene pixels (30 m) resampled to 256 px
-
-
-@pytest.fixture(scope='module')
-def tile_map(scene, tmp_path_factory):
-    root = tmp_path_factory.mktemp('tile_map')
-    region = Box(1000, 700, 1000 + 4 * 48 + 96, 700 + 3 * 48 + 96)
-    tiles = make_tiles(scene, 96, 48, region, out_px=256)
-    csv_path = write_tiles(tiles, root / 'tiles', image_format='jpg')
-    torch.manual_seed(0)
-    model = ImageRetrievalModel(ModelConfig(input_size=(64, 64))).to_runtime('cpu')
-    weights = root / 'w.safetensors'
-    model.save(weights)
-    model = ImageRetrievalModel.load(weights, device='cpu')
-    db = build_database(model, read_csv(csv_path), progress=False)
-    db.meta['gsd_m'] = GSD_M
-    db.save(root / 'map.npz')
-    return model, root / 'map.npz', tiles
-
-
-def view_of(scene, col, row, heading, seed):
-    return render_view(scene, (col, row), heading, 1.1, (4.0, -3.0), 256,
-                       np.random.default_rng(seed), Appearance(strength=0.6), 96)
-
-
-def localizer_for(tile_map, **config):
-    model, db_path, tiles = tile_map
-    localizer = CVGLLocalizer(model, LocalizerConfig(**config))
-    localizer.load_map(db_path)
-    return localizer
-
 
 def test_verification_finds_the_place_and_the_heading(scene, tile_map):
     tiles = tile_map[2]
