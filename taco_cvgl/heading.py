@@ -77,17 +77,13 @@ def north_up(image: np.ndarray, camera_heading_deg: float) -> np.ndarray:
     The image top points along camera_heading_deg (clockwise from north), so its content is
     turned clockwise by that angle about the image centre, size kept; the corners that the
     turn uncovers are filled by mirroring the image (no black wedges for the network to see).
-    A non-square image is first cut to its central square, so that every heading (and every
-    rotation tried without a prior) sees the same ground.
+    A camera heading of 0 returns the image as it is: a query that is already north-up embeds
+    exactly as the map image it was cut from.
     """
-    h, w = image.shape[:2]
-    if h != w:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        image, h, w = image[top:top + side, left:left + side], side, side
     angle = float(camera_heading_deg)
     if abs(angle_difference_deg(angle, 0.0)) < 1e-6:
-        return np.ascontiguousarray(image)
+        return image
+    h, w = image.shape[:2]
     # cv2's positive angle turns the content counter-clockwise: clockwise is negative.
     matrix = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), -angle, 1.0)
     return cv2.warpAffine(np.ascontiguousarray(image), matrix, (w, h), flags=cv2.INTER_LINEAR,
