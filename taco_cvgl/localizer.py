@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 import time
 from typing import List, Optional, Sequence
@@ -17,6 +16,7 @@ from taco_cvgl.estimate import estimate_pose, EstimatorConfig, mahalanobis_sq, P
 from taco_cvgl.geodesy import angle_difference_deg, from_enu, to_enu, wrap_degrees
 from taco_cvgl.heading import HeadingPrior, merge_rotations, north_up, rotation_agrees, \
     tta_angles
+from taco_cvgl.map_features import make_reranker
 from taco_cvgl.preprocess import image_to_tensor
 from taco_cvgl.rerank import (offset_to_enu, RerankConfig, Reranker, Verification,
                               verified_position_sigma_m)
@@ -247,7 +247,8 @@ class CVGLLocalizer:
         index_device = str(self.model.device) if self.config.index in ('auto', 'exact') else 'cpu'
         self.index = make_index(db.embeddings, self.config.index, device=index_device,
                                 cache_prefix=str(path))
-        self.reranker = self._make_reranker(db, path) if self.config.rerank else None
+        self.reranker = make_reranker(db, path, self.config.rerank) if self.config.rerank \
+            else None
         self.database = db
         self._origin = (float(np.mean(db.latitude)), float(np.mean(db.longitude)))
         self._estimator = self._scaled_estimator(db)
@@ -279,17 +280,6 @@ class CVGLLocalizer:
             self.reranker.config = config.rerank
         if self.database is not None:
             self._estimator = self._scaled_estimator(self.database)
-
-    def _make_reranker(self, db: EmbeddingDatabase, path) -> Reranker:
-        from taco_cvgl.image_codec import load_image_file
-        missing = [p for p in db.image_ids if not os.path.isfile(p)]
-        if missing:
-            raise InputError(f'geometric re-ranking needs the database images, but '
-                             f'{len(missing)} of {len(db)} listed in {path} are missing '
-                             f'(e.g. {missing[0]}); restore them, or turn re-ranking off '
-                             f'(rerank:=false, --no-rerank) to publish unverified retrieval '
-                             f'fixes, which are often wrong on unseen imagery')
-        return Reranker(lambda i: load_image_file(db.image_ids[i]), self.config.rerank)
 
     def warm_up(self, sizes=((480, 640),)) -> None:
         """

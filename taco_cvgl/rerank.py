@@ -94,21 +94,42 @@ class Features:
             np.zeros((0, 128), np.float32)
         self.shape = rgb.shape[:2]
 
+    @classmethod
+    def from_arrays(cls, points: np.ndarray, descriptors: np.ndarray, shape) -> 'Features':
+        """Return features detected earlier: points Nx2 and descriptors Nx128 float32."""
+        features = cls.__new__(cls)
+        features.points, features.descriptors = points, descriptors
+        features.shape = (int(shape[0]), int(shape[1]))
+        return features
+
 
 class Reranker:
-    """Verify retrieval candidates against database images loaded through `load_image`."""
+    """Verify retrieval candidates against stored database features, or their images."""
 
-    def __init__(self, load_image: Callable[[int], np.ndarray],
-                 config: RerankConfig = RerankConfig()):
-        """load_image(index) returns the RGB database image of a database entry."""
+    def __init__(self, load_image: Optional[Callable[[int], np.ndarray]],
+                 config: RerankConfig = RerankConfig(),
+                 stored: Optional[Sequence[Features]] = None):
+        """
+        load_image(index) returns the RGB database image of a database entry.
+
+        stored[index], when given, returns that entry's features as extracted before
+        (taco_cvgl.map_features): no image is read then, and nothing is cached, since an entry
+        comes out of the (memory-mapped) store in tens of microseconds. Otherwise features are
+        extracted from the images on first use and the last config.cache_size are kept.
+        """
+        if load_image is None and stored is None:
+            raise ValueError('Reranker needs load_image or stored features')
         self.config = config
         self.load_image = load_image
+        self.stored = stored
         self.detector = cv2.SIFT_create(nfeatures=config.max_features)
         self.matcher = cv2.BFMatcher(cv2.NORM_L2)
         self._cache = collections.OrderedDict()
 
     def database_features(self, index: int) -> Features:
-        """Return (and cache) the features of a database image."""
+        """Return the features of a database entry: stored, or extracted (and cached)."""
+        if self.stored is not None:
+            return self.stored[index]
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
