@@ -437,3 +437,8 @@ def test_augmentation_keeps_size_range_and_geometry_by_default():
     rotating = Augmentation((48, 64), color_jitter=0.0, blur_prob=0.0, rotate=True)
     white = torch.ones(3, 120, 160)
     assert all(rotating(white).min() > 0.99 for _ in range(50))
+    # Turns of at most 10 degrees keep the bright side left; turns of any angle do not.
+    small = Augmentation((64, 64), crop_scale=1.0, color_jitter=0.0, blur_prob=0.0,
+                         rotate=True, rotate_max_deg=10.0)
+    assert all(small(image)[:, :, :16].mean() > 0.9 for _ in range(30))
+    assert any(rotating(image)[:, :, :16].mean() < 0.5 for _ in range(30))

@@ -97,6 +97,9 @@ class TrainOptions:
     blur_prob: float = _opt(0.3, 'probability of a Gaussian blur')
     hflip: bool = _opt(False, 'random horizontal flips (off: a mirrored place is not the place)')
     rotate: bool = _opt(False, 'random rotations, for downward-looking cameras')
+    rotate_max_deg: float = _opt(180.0, 'largest random rotation with --rotate (degrees, both '
+                                        'ways): 180 for any heading; about 22.5 for images '
+                                        'turned north-up by a heading prior or rotation_tta 8')
     # loss and optimiser
     triplet_weight: float = _opt(1.0, 'weight of the triplet loss')
     infonce_weight: float = _opt(0.5, 'weight of the InfoNCE loss')
@@ -478,7 +481,7 @@ def train(options: TrainOptions, callbacks: Sequence = ()) -> TrainResult:
     L.seed_everything(opts.seed, workers=True, verbose=False)
     triplets, skipped, triplet_file, generated, records = _training_data(opts, out)
     augment = Augmentation(config.input_size, opts.crop_scale, opts.color_jitter,
-                           opts.blur_prob, opts.hflip, opts.rotate)
+                           opts.blur_prob, opts.hflip, opts.rotate, opts.rotate_max_deg)
     train_set = TripletDataset(triplets, config, augment,
                                {r.path: (r.latitude, r.longitude) for r in records or []})
     retrieval, val_triplets = _validation_data(opts, config)

@@ -285,8 +285,9 @@ class Augmentation:
     resized to the input size, brightness/contrast/saturation jitter of +-color_jitter, a hue
     shift of +-color_jitter/6 of a turn, a Gaussian blur with probability blur_prob. Horizontal
     flip is off by default: a mirrored place is not the same place. rotate (for downward-looking
-    cameras) turns the image by a random angle and keeps the largest axis-aligned rectangle of
-    the same shape inside it, so no black corners enter.
+    cameras) turns the image by a random angle of up to +-rotate_max_deg (180: any heading; less
+    for a model that sees north-up queries, within their heading error) and keeps the largest
+    axis-aligned rectangle of the same shape inside it, so no black corners enter.
     """
 
     input_size: Tuple[int, int]
@@ -295,9 +296,13 @@ class Augmentation:
     blur_prob: float = 0.3
     hflip: bool = False
     rotate: bool = False
+    rotate_max_deg: float = 180.0
 
     def __post_init__(self):
         """Check ranges."""
+        if not 0 < self.rotate_max_deg <= 180:
+            raise InputError(f'augmentation: rotate_max_deg {self.rotate_max_deg} must be in '
+                             f'(0, 180]')
         if not 0 < self.crop_scale <= 1 or not 0 <= self.color_jitter < 1 or \
                 not 0 <= self.blur_prob <= 1:
             raise InputError(f'augmentation: crop_scale {self.crop_scale} must be in (0, 1], '
@@ -308,7 +313,7 @@ class Augmentation:
         """Augment a float 3xHxW image in [0, 1]; return 3 x input_size in [0, 1]."""
         x = image
         if self.rotate:
-            angle = float(torch.rand(()) * 360.0)
+            angle = float((torch.rand(()) * 2.0 - 1.0) * self.rotate_max_deg)
             x = TF.rotate(x, angle, interpolation=TF.InterpolationMode.BILINEAR)
             c, s = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
             h, w = x.shape[-2:]
