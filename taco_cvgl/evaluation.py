@@ -27,6 +27,7 @@ DEFAULT_KS = (1, 5, 10)
 # Share of a 2-D Gaussian inside the Mahalanobis distance r ellipse: 1 - exp(-r^2 / 2).
 GAUSSIAN_2D_WITHIN_1SIGMA = 1.0 - math.exp(-0.5)
 GAUSSIAN_2D_WITHIN_2SIGMA = 1.0 - math.exp(-2.0)
+GAUSSIAN_2D_WITHIN_3SIGMA = 1.0 - math.exp(-4.5)
 # Share inside 2 sigma that `estimate.calibrate_scale` aims the covariance scale at.
 CALIBRATION_TARGET = 0.95
 
@@ -186,7 +187,7 @@ def error_stats(values) -> Dict[str, Any]:
 
 def calibration_summary(errors_en: np.ndarray, covariances: np.ndarray) -> Dict[str, Any]:
     """
-    Return the shares of errors inside the 1- and 2-sigma ellipses and the 95 % scale.
+    Return the shares of errors inside the 1-, 2- and 3-sigma ellipses and the 95 % scale.
 
     Only pairs with a finite error and a usable (finite, positive definite) covariance count;
     `excluded` says how many did not.
@@ -196,18 +197,51 @@ def calibration_summary(errors_en: np.ndarray, covariances: np.ndarray) -> Dict[
     ok = usable_covariances(cov) & np.isfinite(errors).all(axis=1)
     result: Dict[str, Any] = {
         'count': int(ok.sum()), 'excluded_no_covariance': int((~ok).sum()),
-        'within_1sigma': None, 'within_2sigma': None,
+        'within_1sigma': None, 'within_2sigma': None, 'within_3sigma': None,
         'expected_gaussian_within_1sigma': GAUSSIAN_2D_WITHIN_1SIGMA,
         'expected_gaussian_within_2sigma': GAUSSIAN_2D_WITHIN_2SIGMA,
+        'expected_gaussian_within_3sigma': GAUSSIAN_2D_WITHIN_3SIGMA,
         'scale_for_95pct_within_2sigma': None,
     }
     if ok.any():
         d2 = mahalanobis_sq(errors[ok], cov[ok])
         result['within_1sigma'] = float(np.mean(d2 <= 1.0))
         result['within_2sigma'] = float(np.mean(d2 <= 4.0))
+        result['within_3sigma'] = float(np.mean(d2 <= 9.0))
         result['scale_for_95pct_within_2sigma'] = calibrate_scale(
             errors[ok], cov[ok], target=CALIBRATION_TARGET, sigmas=2.0)
     return result
+
+
+def average_precision(scores, labels) -> Optional[float]:
+    """
+    Return the average precision (area under the precision-recall curve) of ranking by score.
+
+    Items are ranked by descending score; the result is the mean, over the positive items, of
+    the precision among the items ranked at or above each. Tied scores form one rank: every
+    item of a tie counts as ranked at the tie's end (the precision once the whole tie is
+    taken), so the result never depends on the order the items come in. NaN ranks below every
+    number, -inf included, and NaNs tie with each other. None when no label is positive.
+    """
+    scores = np.asarray(scores, dtype=float).reshape(-1)
+    labels = np.asarray(labels, dtype=bool).reshape(-1)
+    if len(scores) != len(labels):
+        raise InputError(f'average_precision: {len(scores)} scores but {len(labels)} labels')
+    positives = int(labels.sum())
+    if positives == 0:
+        return None
+    missing = np.isnan(scores)
+    value = np.where(missing, 0.0, scores)
+    order = np.lexsort((-value, missing))  # numbers first, each part by descending score
+    value, missing, hits = value[order], missing[order], labels[order]
+    # The last item of each run of equal scores closes a rank.
+    closes = np.ones(len(value), dtype=bool)
+    closes[:-1] = (value[1:] != value[:-1]) | (missing[1:] != missing[:-1])
+    ends = np.flatnonzero(closes)
+    true_up_to = np.cumsum(hits)[ends]
+    in_rank = np.diff(np.concatenate([[0], true_up_to]))
+    precision = true_up_to / (ends + 1.0)
+    return float(np.sum(in_rank * precision) / positives)
 
 
 def interpolate_headings(stamps_ns, headings_deg, query_ns, max_gap_s: float = 1.0
@@ -294,19 +328,32 @@ def definitions(threshold_m: float, fix_threshold_m: float, max_gt_gap_s: float)
         'fix_precision': f'share of fixes whose position error is <= {fix_threshold_m} m',
         'calibration': 'over fixes with a covariance: error vector estimate - truth in ENU '
                        "metres at the true point, Mahalanobis distance under the fix's 2x2 "
-                       'east/north covariance; shares within distance 1 and 2, beside what a '
-                       '2-D Gaussian would give (39.3 %, 86.5 %). scale_for_95pct_within_2sigma '
-                       'is the factor to multiply the covariance by (estimator '
-                       'covariance_scale) so that 95 % fall within 2 sigma',
+                       'east/north covariance; shares within distance 1, 2 and 3, beside what '
+                       'a 2-D Gaussian would give (39.3 %, 86.5 %, 98.9 %). '
+                       'scale_for_95pct_within_2sigma is the factor to multiply the covariance '
+                       'by (estimator covariance_scale) so that 95 % fall within 2 sigma',
         'heading_error_deg': 'smallest absolute angle between estimated and true heading '
                              '(degrees), over scored frames where both are known',
         'verification': 'database places checked geometrically per scored frame (retrieved '
                         'candidates plus those around the motion prediction), over the frames '
                         'that were verified at all',
         'no_fix_reasons': "scored frames without a fix, by the localizer's reason",
+        'confidence': confidence_definition(fix_threshold_m),
         'latency_s': "the localizer's own time per frame (embedding + search + estimate), "
                      'seconds',
     }
+
+
+def confidence_definition(fix_threshold_m: float) -> str:
+    """Return the words for the confidence block (how well the confidence ranks the frames)."""
+    return (f"over scored frames: each frame's confidence as the localizer gave it (frames "
+            f'without a fix included, with their confidence; none counts as the lowest) '
+            f'ranks the frames; a frame is right when its estimate lies within '
+            f'{fix_threshold_m:g} m of the true position. auc_pr is the average precision of '
+            f'that ranking: the mean over the right frames of the share of right frames among '
+            f'those ranked at or above it (equal confidences share the rank of the last of '
+            f'them); the share of right frames (positives / count) is what a confidence that '
+            f'knows nothing would get, 1.0 is a perfect ranking')
 
 
 def summarize(frames: Sequence[FrameResult], threshold_m: float = 25.0,
@@ -355,6 +402,7 @@ def summarize(frames: Sequence[FrameResult], threshold_m: float = 25.0,
                   'no_fix_reasons': _no_fix_reasons(frames, scored & ~table.fix)},
         'verification': _verification(frames, scored),
         'calibration': calibration_summary(table.error_en[fixes], cov[fixes]),
+        'confidence': _confidence(frames, table, scored, fix_threshold_m),
         'heading_error_deg': _heading(table, scored, frames),
         'latency_s': _latency(frames),
         'definitions': definitions(threshold_m, fix_threshold_m, max_gt_gap_s),
@@ -423,6 +471,19 @@ def _no_fix_reasons(frames: Sequence[FrameResult], no_fix: np.ndarray) -> Dict[s
             reason = frame.no_fix_reason or 'not recorded'
             reasons[reason] = reasons.get(reason, 0) + 1
     return dict(sorted(reasons.items()))
+
+
+def _confidence(frames: Sequence[FrameResult], table: FrameTable, scored: np.ndarray,
+                fix_threshold_m: float) -> Dict[str, Any]:
+    """Return how well the frames' confidences rank right estimates above wrong ones."""
+    scores = np.array([f.confidence for f in frames], dtype=float).reshape(-1)[scored]
+    right = table.error_m[scored] <= fix_threshold_m
+    block: Dict[str, Any] = {'auc_pr': average_precision(scores, right),
+                             'positives': int(right.sum()), 'count': int(scored.sum()),
+                             'definition': confidence_definition(fix_threshold_m)}
+    if len(scores) and np.isnan(scores).all():
+        block.update(auc_pr=None, reason='no scored frame carries a confidence')
+    return block
 
 
 def _verification(frames: Sequence[FrameResult], scored: np.ndarray) -> Dict[str, Any]:

@@ -9,6 +9,7 @@ import time
 from typing import List, Optional, Sequence
 
 import numpy as np
+from taco_cvgl.calibration import FixFeatures, models_from_meta
 from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError, MismatchError, TacoError
@@ -136,6 +137,8 @@ class Measurement:
     # Where the heading prior came from: 'given' (topic, flag), 'track' (the last verified
     # fix), 'tta' (none: the query was embedded at several rotations) or '' (none used).
     heading_source: str = ''
+    # The geometric check of the verified place (None without one); not serialised.
+    verification: Optional[Verification] = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         """
@@ -252,6 +255,10 @@ class CVGLLocalizer:
         self.database = db
         self._origin = (float(np.mean(db.latitude)), float(np.mean(db.longitude)))
         self._estimator = self._scaled_estimator(db)
+        try:
+            self._covariance_model, self._confidence_model = models_from_meta(db.meta)
+        except InputError as exc:
+            raise InputError(f'database {path}: its calibration: {exc}') from None
         self._enu = to_enu(*self._origin, db.latitude, db.longitude)
         self.track.reset()
         return db
@@ -562,23 +569,33 @@ class CVGLLocalizer:
         rank = next(r for r, match in enumerate(m.matches) if match.index == entry)
         m.matches.insert(0, m.matches.pop(rank))
         m.inliers = verification.inliers
-        m.confidence = verification.inliers / (verification.inliers + config.min_inliers)
-        m.fix = m.confidence >= self.config.estimator.min_confidence
+        m.verification = verification
+        # Whether it is a fix: the share of inliers over the bar, as without a calibration.
+        share = verification.inliers / (verification.inliers + config.min_inliers)
+        m.fix = share >= self.config.estimator.min_confidence
         if not m.fix:
             m.no_fix_reason = 'verified confidence below min_confidence'
+        gsd = float(db.meta.get('gsd_m', math.nan))
+        # The reported confidence: the map's calibrated P(right) when it holds one.
+        m.confidence = share if self._confidence_model is None else \
+            self._confidence_model.probability(FixFeatures.of(verification, gsd))
         db_heading = float(db.heading[entry])
         if math.isfinite(db_heading):
             m.heading = float(wrap_degrees(db_heading + verification.rotation_deg + yaw))
             m.heading_variance = math.radians(config.heading_sigma_deg) ** 2
-        gsd = float(db.meta.get('gsd_m', math.nan))
         if not math.isfinite(gsd):  # no ground scale: the verified place itself
             m.latitude, m.longitude = float(db.latitude[entry]), float(db.longitude[entry])
             return
         east, north = offset_to_enu(verification.offset_px, gsd, db_heading)
         lat, lon = from_enu(float(db.latitude[entry]), float(db.longitude[entry]), east, north)
         m.latitude, m.longitude = float(lat), float(lon)
-        scale = config.covariance_scale * float(db.meta.get('verified_covariance_scale', 1.0))
-        sigma = verified_position_sigma_m(verification, gsd)
         covariance = np.array(pose.position_covariance, dtype=float)
-        covariance[:2, :2] = scale * sigma ** 2 * np.eye(2)
+        if self._covariance_model is not None:   # fitted on a calibration flight
+            covariance[:2, :2] = config.covariance_scale * self._covariance_model.covariance_en(
+                FixFeatures.of(verification, gsd))
+        else:
+            scale = config.covariance_scale * float(db.meta.get('verified_covariance_scale',
+                                                                1.0))
+            sigma = verified_position_sigma_m(verification, gsd)
+            covariance[:2, :2] = scale * sigma ** 2 * np.eye(2)
         m.position_covariance = covariance

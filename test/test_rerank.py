@@ -169,3 +169,34 @@ def test_prior_needs_reranking_and_missing_map_images_are_named(tile_map, tmp_pa
     loc = CVGLLocalizer(model, LocalizerConfig(rerank=RerankConfig()))
     with pytest.raises(InputError, match='gone.jpg'):
         loc.load_map(tmp_path / 'moved.npz')
+
+
+def test_a_map_with_calibrated_models_sets_the_covariance_and_the_confidence(
+        scene, tile_map, tmp_path):
+    from taco_cvgl.calibration import ConfidenceModel, CovarianceModel
+    from taco_cvgl.database import EmbeddingDatabase
+    model, db_path, tiles = tile_map
+    db = EmbeddingDatabase.load(db_path)
+    # sigma = gsd * exp(log 2 - 0.5 log n) = 2 gsd / sqrt(n); P = 1 / (1 + e^(3 - log n)).
+    db.meta['verified_covariance_model'] = CovarianceModel(
+        kind='features', terms=('log_inliers',), coefficients=(math.log(2.0), -0.5),
+        bounds=((0.0, 10.0),)).to_meta()
+    db.meta['verified_confidence_model'] = ConfidenceModel(
+        kind='logistic', terms=('log_inliers',), coefficients=(-3.0, 1.0),
+        bounds=((0.0, 10.0),)).to_meta()
+    calibrated = tmp_path / 'calibrated.npz'
+    db.save(calibrated)
+    loc = CVGLLocalizer(model, LocalizerConfig(top_k=len(tiles),
+                                               rerank=RerankConfig(candidates=len(tiles))))
+    loc.load_map(calibrated)
+    tile = tiles[0]
+    m = loc.localize(view_of(scene, tile.col, tile.row, 40.0, seed=2).image, timestamp=0.0)
+    assert m.fix and m.inliers >= 15
+    n = m.inliers
+    np.testing.assert_allclose(m.position_covariance[:2, :2],
+                               (2.0 * GSD_M / math.sqrt(n)) ** 2 * np.eye(2), rtol=1e-9)
+    assert m.confidence == pytest.approx(n / (n + math.exp(3.0)))
+    db.meta['verified_confidence_model'] = {'kind': 'logistic', 'terms': ['nonsense']}
+    db.save(calibrated)
+    with pytest.raises(InputError, match='calibration'):
+        loc.load_map(calibrated)
