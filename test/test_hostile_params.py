@@ -74,8 +74,11 @@ def test_node_process_refuses_what_rcl_would_drop(tmp_path):
     (['-p', 'image_topics:=[/cam/image, 9bad]', '-p', 'camera_yaws_deg:=[0.0, 90.0]'],
      r"image_topics: '9bad' is not a valid topic name: .* must not start with a number"),
     (['-p', 'geopose_topic:=/a//b'], r"geopose_topic: '/a//b' .* repeated '/'"),
+    (['-p', 'orientation_topic:=imu//data'],
+     r"orientation_topic: 'imu//data' .* repeated '/'.*\(e\.g\. imu/data\)"),
 ], ids=['double_for_int', 'word_for_bool', 'ints_for_doubles', 'int_before_double',
-        'number_for_string', 'node_prefix', 'typo', 'unknown', 'image_topic', 'geopose_topic'])
+        'number_for_string', 'node_prefix', 'typo', 'unknown', 'image_topic', 'geopose_topic',
+        'orientation_topic'])
 def test_bad_given_values_are_refused(ros_args, message):
     """Values rcl drops or keeps unseen, unknown names and bad topics name the parameter."""
     with pytest.raises(InputError, match=message):

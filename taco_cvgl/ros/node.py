@@ -9,6 +9,12 @@ sensor_msgs/NavSatFix and geographic_msgs/GeoPoseWithCovarianceStamped (and, wit
 orientation-only sensor_msgs/Imu of the heading), plus diagnostic_msgs/DiagnosticArray on
 /diagnostics.
 
+With orientation_topic set, the robot's orientation (sensor_msgs/Imu or
+geometry_msgs/QuaternionStamped, see taco_cvgl.orientation) is kept by stamp and each image gets
+the heading prior nearest its own stamp (within orientation_max_age_s). A frame without one (no
+message yet, none near its time, only messages without a usable heading) is localized without a
+prior, never dropped; /diagnostics counts both kinds of frame and the refused messages.
+
 Thresholds, verification and track settings change at run time (`ros2 param set`; the table in
 taco_cvgl/settings.py marks them): the callback checks a change and the worker applies it
 between batches, as it does `~/reset_track` (std_srvs/Trigger), which forgets the motion track
@@ -27,6 +33,7 @@ import time
 from typing import List, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from geometry_msgs.msg import QuaternionStamped
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -36,12 +43,15 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image, Imu, NavSatFix
 from taco_cvgl.errors import InputError, TacoError
 from taco_cvgl.image_codec import decode_msg, OversizedImageError
+from taco_cvgl.orientation import message_prior, OrientationBuffer
 from taco_cvgl.ros import messages
 from taco_cvgl.ros.params import declare, updated
 from taco_cvgl.settings import localizer_config, NodeParams
 
 NODE_NAME = 'cvgl_node'
 WARN_THROTTLE_S = 5.0  # at most one warning of a kind per this many seconds
+# Orientation messages come at IMU rates, many per frame: a deeper queue than the images'.
+ORIENTATION_QOS_DEPTH = 50
 
 
 @dataclasses.dataclass
@@ -57,6 +67,11 @@ class Counters:
     fixes: int = 0
     latencies_s: List[float] = dataclasses.field(default_factory=list)  # since last report
     confidence: float = float('nan')
+    orientations: int = 0         # orientation messages received
+    bad_orientations: int = 0     # of those, refused: no usable heading in them
+    with_prior: int = 0           # localized frames given a heading prior from the topic
+    without_prior: int = 0        # localized frames without one although the topic is set
+    no_prior_reason: str = ''     # why the latest of those had none
 
     def count_bad(self, exc: Exception) -> None:
         """Count a skipped message; oversized ones apart too (a hostile camera, not a glitch)."""
@@ -74,6 +89,12 @@ class Counters:
                 f' ({oversized} over max_image_pixels)' if oversized else ''))
         if self.localized > last.localized and self.fixes == last.fixes:
             problems.append('no fix: confidence below min_confidence')
+        if self.bad_orientations > last.bad_orientations:
+            problems.append(f'{self.bad_orientations - last.bad_orientations} bad orientation '
+                            f'message(s)')
+        if self.without_prior > last.without_prior:
+            problems.append(f'{self.without_prior - last.without_prior} frame(s) without a '
+                            f'heading prior ({self.no_prior_reason})')
         return problems
 
 
@@ -130,6 +151,8 @@ class CVGLNode(Node):
         for index, topic in enumerate(self._topics):
             self.create_subscription(CompressedImage if compressed else Image, topic,
                                      lambda msg, i=index: self._store(i, msg), qos)
+        self._orientation = OrientationBuffer()
+        self._orientation_topic = self._subscribe_orientation(p, qos)
         self.create_timer(p.diagnostics_period_s, self._publish_diagnostics)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name='cvgl_worker', daemon=True)
@@ -143,7 +166,21 @@ class CVGLNode(Node):
             f'ready: {len(self.localizer.database)} places, model on {model.device} '
             f'({model.precision}, fast path {self._fast_path()}), cameras {self._topics}, '
             f'publishing {p.fix_topic}' + (f' and {p.geopose_topic}' if self._geopose_pub else '')
-            + (f' and {p.imu_topic}' if self._imu_pub else ''))
+            + (f' and {p.imu_topic}' if self._imu_pub else '')
+            + (f', heading prior from {self._orientation_topic} ({p.orientation_type})'
+               if self._orientation_topic else ''))
+
+    def _subscribe_orientation(self, p: NodeParams, image_qos: QoSProfile) -> str:
+        """Subscribe to orientation_topic (best effort like the images); return it resolved."""
+        if not p.orientation_topic:
+            return ''
+        topic = self.resolve_topic_name(p.orientation_topic)   # checked by check_topics
+        qos = QoSProfile(depth=ORIENTATION_QOS_DEPTH, history=HistoryPolicy.KEEP_LAST,
+                         durability=DurabilityPolicy.VOLATILE,
+                         reliability=image_qos.reliability)
+        msg_type = Imu if p.orientation_type == 'imu' else QuaternionStamped
+        self.create_subscription(msg_type, topic, self._store_orientation, qos)
+        return topic
 
     def _create_reset_service(self) -> None:
         """Offer ~/reset_track where std_srvs is installed; warn and go without it elsewhere."""
@@ -221,6 +258,28 @@ class CVGLNode(Node):
             self._latest[index] = (msg, time.monotonic())
             self._cond.notify()
 
+    def _store_orientation(self, msg) -> None:
+        """
+        Keep an orientation message's heading prior by its stamp; count and log a refused one.
+
+        An unstamped message (stamp 0) takes its arrival time. The sigma of a message that gives
+        none is orientation_sigma_deg as set when the message arrives.
+        """
+        p = self.params
+        stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        if stamp == 0:
+            stamp = self.get_clock().now().nanoseconds
+        prior, reason = message_prior(msg, p.orientation_type, p.orientation_sigma_deg)
+        with self._cond:
+            self._counters.orientations += 1
+            if prior is None:
+                self._counters.bad_orientations += 1
+            else:
+                self._orientation.add(stamp, prior)
+        if prior is None:
+            self.get_logger().warning(f'{self._orientation_topic}: ignored an orientation '
+                                      f'message: {reason}', throttle_duration_sec=WARN_THROTTLE_S)
+
     # ------------------------------------------------------------------ worker side
     def _run(self) -> None:
         """Take the newest frame of each camera, localize them as one batch, repeat."""
@@ -263,7 +322,10 @@ class CVGLNode(Node):
             return
         yaws = [self.params.camera_yaws_deg[i] for i, _, _ in good]
         stamps = [m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec for _, m, _ in good]
-        results = self.localizer.localize_batch(images, stamps, yaws)
+        matched = self._heading_priors([m.header.stamp for _, m, _ in good])
+        results = self.localizer.localize_batch(
+            images, stamps, yaws, headings=[prior for prior, _ in matched] or None)
+        self._count_priors(matched, results)
         for (_, msg, received), measurement in zip(good, results):
             self._publish(measurement, msg.header.stamp)
             with self._cond:
@@ -271,6 +333,30 @@ class CVGLNode(Node):
                 self._counters.fixes += int(measurement.fix)
                 self._counters.confidence = measurement.confidence
                 self._counters.latencies_s.append(time.monotonic() - received)
+
+    def _heading_priors(self, stamps) -> list:
+        """Return (prior or None, reason) of each image stamp; [] without orientation_topic."""
+        if not self._orientation_topic:
+            return []
+        max_age_s = self.params.orientation_max_age_s
+        with self._cond:
+            return [self._orientation.prior_at(s.sec * 10**9 + s.nanosec, max_age_s)
+                    for s in stamps]
+
+    def _count_priors(self, matched, results) -> None:
+        """Count the frames localized with the topic's prior and without; log why one had none."""
+        if not matched:
+            return
+        missing = [reason or 'the localizer did not use it'
+                   for (_, reason), m in zip(matched, results) if m.heading_source != 'given']
+        with self._cond:
+            self._counters.with_prior += len(matched) - len(missing)
+            self._counters.without_prior += len(missing)
+            if missing:
+                self._counters.no_prior_reason = missing[-1]
+        if missing:
+            self.get_logger().warning(f'localizing without a heading prior: {missing[-1]}',
+                                      throttle_duration_sec=WARN_THROTTLE_S)
 
     def _publish(self, measurement, stamp) -> None:
         """Publish a measurement's messages, unless ROS is shutting down under the worker."""
@@ -321,6 +407,10 @@ class CVGLNode(Node):
             'bad_messages': c.bad, 'oversized_messages': c.oversized,
             'localization_errors': c.errors,
             'localizations': c.localized, 'fixes': c.fixes,
+            'orientation_messages': c.orientations,
+            'bad_orientation_messages': c.bad_orientations,
+            'frames_with_heading_prior': c.with_prior,
+            'frames_without_heading_prior': c.without_prior,
             'device': str(model.device), 'precision': model.precision,
             'fast_path': self._fast_path(),
             'motion_track': self._motion_track(),

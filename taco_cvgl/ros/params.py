@@ -233,14 +233,16 @@ def check_topics(node, params: NodeParams) -> None:
     """Raise InputError naming the parameter of a topic name that does not resolve."""
     from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 
-    for name in ('image_topics', 'fix_topic', 'geopose_topic', 'imu_topic'):
+    # Examples for the topics that are off by default.
+    examples = {'imu_topic': 'cvgl/heading', 'orientation_topic': 'imu/data'}
+    for name in ('image_topics', 'fix_topic', 'geopose_topic', 'imu_topic', 'orientation_topic'):
         value = getattr(params, name)
         for topic in value if isinstance(value, tuple) else (value,) if value else ():
             try:
                 node.resolve_topic_name(topic)
             except _rclpy.RCLError as exc:
                 reason = re.sub(r'^failed to resolve name: |, at \S+:\d+', '', str(exc))
-                example = defaults()[name]
+                example = examples.get(name) or defaults()[name]
                 raise InputError(
                     f'parameter {name}: {topic!r} is not a valid topic name: {reason} '
                     f'(e.g. {example[0] if isinstance(example, list) else example})') from None

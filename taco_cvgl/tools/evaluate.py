@@ -4,7 +4,9 @@ taco-cvgl evaluate: score the localizer on a bag, a recorded run, or retrieval o
 Three ways in, one set of metrics (see taco_cvgl.evaluation for their definitions):
 
 - a bag with camera images and ground-truth NavSatFix: every image goes through the same
-  CVGLLocalizer the node runs (needs --db and --weights)::
+  CVGLLocalizer the node runs (needs --db and --weights), with the heading prior of the
+  orientation topic nearest its stamp as the node matches it (--orientation-topic, or the
+  params file's orientation_topic)::
 
       taco-cvgl evaluate --bag drive.mcap --image-topic /camera/image_raw --gt-topic /gps/fix
           --db map.npz --weights model.safetensors --out eval/
@@ -47,14 +49,18 @@ from taco_cvgl.evaluation import (DEFAULT_KS, frame_table, FrameResult, FrameTab
                                   interpolate_headings, positives_within, retrieval_frames,
                                   retrieval_summary, SCHEMA, summarize)
 from taco_cvgl.geodesy import distance_m, enu_yaw_to_heading
+from taco_cvgl.heading import quaternion_yaw
+from taco_cvgl.orientation import message_prior, MESSAGE_TYPES, OrientationBuffer
+from taco_cvgl.settings import defaults
 from taco_cvgl.tools.common import add_settings_args, reports_errors, settings_from_args
 
 if TYPE_CHECKING:   # torch loads in seconds: not before the arguments are parsed
     from taco_cvgl.database import ImageRecord
+    from taco_cvgl.heading import HeadingPrior
     from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig, Measurement
 
-QUATERNION_STAMPED_TYPE = 'geometry_msgs/msg/QuaternionStamped'
-IMU_TYPE = 'sensor_msgs/msg/Imu'
+QUATERNION_STAMPED_TYPE = MESSAGE_TYPES['quaternion']
+IMU_TYPE = MESSAGE_TYPES['imu']
 #: Topic types whose orientation gives a heading (quaternion in the ENU frame, REP-103/145).
 HEADING_TYPES = (QUATERNION_STAMPED_TYPE, IMU_TYPE, bags.GEOPOSE_COV_STAMPED_TYPE,
                  bags.GEOPOSE_STAMPED_TYPE)
@@ -110,9 +116,21 @@ def read_truth(path: Path, topic: str) -> bags.GpsTrack:
 
 
 def _yaw(q) -> float:
-    """Return the ENU yaw (rad, counter-clockwise from east) of a quaternion message."""
-    x, y, z, w = float(q.x), float(q.y), float(q.z), float(q.w)
-    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+    """Return the ENU yaw (rad, counter-clockwise from east) of a quaternion message, or NaN."""
+    try:
+        return quaternion_yaw(q.x, q.y, q.z, q.w)
+    except InputError:   # not finite, or zero norm
+        return math.nan
+
+
+def _orientation_messages(path: Path, topic: str, what: str, types: Sequence[str]):
+    """Yield (stamp_ns, msgtype, message) of a topic of one of `types` (InputError if not)."""
+    msgtype = _require(path, topic, what)
+    if msgtype not in types:
+        raise InputError(f'bag {path}: topic {topic} has type {msgtype}; a {what} topic must '
+                         f'be one of {", ".join(types)}')
+    for _topic, msgtype, log_ns, msg in bags.iter_messages(path, [topic]):
+        yield bags.stamp_ns(msg, log_ns), msgtype, msg
 
 
 def read_headings(path: Path, topic: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -122,14 +140,10 @@ def read_headings(path: Path, topic: str) -> Tuple[np.ndarray, np.ndarray]:
     Reads geometry_msgs/QuaternionStamped and sensor_msgs/Imu (orientation relative to ENU, as
     REP-145 asks of an IMU; an Imu whose orientation_covariance[0] is -1 has none and is
     skipped) and the geographic_msgs GeoPose estimates (a yaw variance above (2 pi)^2 marks an
-    unknown heading: NaN).
+    unknown heading: NaN, as a NaN or zero quaternion does).
     """
-    msgtype = _require(path, topic, 'heading')
-    if msgtype not in HEADING_TYPES:
-        raise InputError(f'bag {path}: topic {topic} has type {msgtype}; a heading topic must '
-                         f'be one of {", ".join(HEADING_TYPES)}')
     stamps, headings = [], []
-    for _topic, msgtype, log_ns, msg in bags.iter_messages(path, [topic]):
+    for stamp, msgtype, msg in _orientation_messages(path, topic, 'heading', HEADING_TYPES):
         heading = math.nan
         if msgtype == QUATERNION_STAMPED_TYPE:
             heading = enu_yaw_to_heading(_yaw(msg.quaternion))
@@ -143,9 +157,44 @@ def read_headings(path: Path, topic: str) -> Tuple[np.ndarray, np.ndarray]:
                 heading = enu_yaw_to_heading(_yaw(msg.pose.pose.orientation))
         else:
             heading = enu_yaw_to_heading(_yaw(msg.pose.orientation))
-        stamps.append(bags.stamp_ns(msg, log_ns))
+        stamps.append(stamp)
         headings.append(heading)
     return np.array(stamps, dtype=np.int64), np.array(headings, dtype=float)
+
+
+def read_heading_priors(path: Path, topic: str, default_sigma_deg: float
+                        ) -> Tuple[OrientationBuffer, Dict[str, Any]]:
+    """
+    Return the heading priors of an orientation topic by stamp, and what was read.
+
+    The topic is sensor_msgs/Imu or geometry_msgs/QuaternionStamped, each message turned into a
+    prior as the node does (taco_cvgl.orientation.message_prior; default_sigma_deg where the
+    message gives none). A message without a usable heading is counted and skipped.
+    """
+    kinds = {msgtype: kind for kind, msgtype in MESSAGE_TYPES.items()}
+    samples, bad, reasons, msgtype = [], 0, [], None
+    for stamp, msgtype, msg in _orientation_messages(path, topic, 'orientation', list(kinds)):
+        prior, reason = message_prior(msg, kinds[msgtype], default_sigma_deg)
+        if prior is None:
+            bad += 1
+            if reason not in reasons and len(reasons) < MAX_LISTED_FAILURES:
+                reasons.append(reason)
+        else:
+            samples.append((stamp, prior))
+    buffer = OrientationBuffer(max(1, len(samples)))
+    for stamp, prior in samples:
+        buffer.add(stamp, prior)
+    return buffer, {'topic': topic, 'bag': str(path), 'type': msgtype,
+                    'messages': len(samples) + bad, 'bad_messages': bad, 'bad_reasons': reasons}
+
+
+def _bag_with(bag_paths: Sequence[Path], topic: str, what: str) -> Path:
+    """Return the first bag that has the topic; InputError listing the first's topics if none."""
+    for path in bag_paths:
+        if topic in _topics(path):
+            return path
+    _require(bag_paths[0], topic, what)  # raises, listing the topics
+    return bag_paths[0]
 
 
 def _heading_truth(bag_paths: Sequence[Path], topic: Optional[str]
@@ -153,13 +202,9 @@ def _heading_truth(bag_paths: Sequence[Path], topic: Optional[str]
     """Read the ground-truth heading topic from the first bag that has it (None: no topic)."""
     if not topic:
         return None
-    for path in bag_paths:
-        if topic in _topics(path):
-            stamps, headings = read_headings(path, topic)
-            known = np.isfinite(headings)
-            return stamps[known], headings[known]
-    _require(bag_paths[0], topic, 'ground-truth heading')  # raises, listing the topics
-    return None
+    stamps, headings = read_headings(_bag_with(bag_paths, topic, 'ground-truth heading'), topic)
+    known = np.isfinite(headings)
+    return stamps[known], headings[known]
 
 
 def _truth_at(track: bags.GpsTrack, heading: Optional[Tuple[np.ndarray, np.ndarray]],
@@ -175,6 +220,14 @@ def _truth_at(track: bags.GpsTrack, heading: Optional[Tuple[np.ndarray, np.ndarr
 
 # ---------------------------------------------------------------------------------------------
 # Localizing a camera bag
+
+
+def _check_orientation(sigma_deg: float, max_age_s: float) -> None:
+    """Refuse a default sigma that is not positive or a max age below zero (as the node does)."""
+    if not (math.isfinite(sigma_deg) and sigma_deg > 0):
+        raise InputError(f'orientation_sigma_deg must be a positive number, got {sigma_deg}')
+    if not (math.isfinite(max_age_s) and max_age_s >= 0):
+        raise InputError(f'orientation_max_age_s must be a number >= 0, got {max_age_s}')
 
 
 def _check_thresholds(threshold_m: float, fix_threshold_m: Optional[float],
@@ -222,7 +275,11 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
                  background=None, progress: bool = True,
                  on_frame: Optional[Callable[[FrameResult], None]] = None,
                  localizer: Optional[CVGLLocalizer] = None,
-                 plots: bool = True, ks: Sequence[int] = DEFAULT_KS) -> EvaluationResult:
+                 plots: bool = True, ks: Sequence[int] = DEFAULT_KS,
+                 orientation_topic: Optional[str] = None,
+                 orientation_sigma_deg: float = defaults()['orientation_sigma_deg'],
+                 orientation_max_age_s: float = defaults()['orientation_max_age_s']
+                 ) -> EvaluationResult:
     """
     Localize every image of a bag and score it against the ground truth.
 
@@ -234,11 +291,19 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
     metrics.json is written with complete false and says why. background: an optional
     plots.MapBackground for the track plot; plots False writes metrics.json and frames.csv
     only. on_frame is called with each frame once done. ks: the k of Recall@k.
+
+    orientation_topic (sensor_msgs/Imu or geometry_msgs/QuaternionStamped, in `bag` or else
+    `gt_bag`): each image gets the heading prior nearest its stamp within
+    orientation_max_age_s, as the node matches it (orientation_sigma_deg where a message gives
+    no sigma); metrics.json's heading_prior counts the frames with and without one, and
+    (localizer_sources) which heading each localized frame used: given, track (the last
+    verified fix), tta (rotations tried) or none.
     """
     from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
     from tqdm import tqdm
 
     fix_threshold_m = _check_thresholds(threshold_m, fix_threshold_m, max_gt_gap_s)
+    _check_orientation(orientation_sigma_deg, orientation_max_age_s)
     if max_frames is not None and max_frames < 1:
         raise InputError(f'max_frames must be >= 1, got {max_frames}')
     bag = Path(bag)
@@ -246,6 +311,15 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
     stream = bags.iter_images(bag, image_topic)  # checks the bag and the topic first
     truth = read_truth(gt_path, gt_topic)
     heading = _heading_truth([gt_path, bag], gt_heading_topic)
+    priors, prior_info = None, {'topic': None}
+    if orientation_topic:
+        priors, prior_info = read_heading_priors(
+            _bag_with([bag, gt_path], orientation_topic, 'orientation'), orientation_topic,
+            orientation_sigma_deg)
+        prior_info.update(default_sigma_deg=orientation_sigma_deg,
+                          max_age_s=orientation_max_age_s)
+    counts = {'frames_with': 0, 'frames_without': 0}
+    sources: Dict[str, int] = {}   # Measurement.heading_source of each localized frame
     if localizer is None:
         if db is None or weights is None:
             raise InputError('evaluating a camera bag needs the database and the weights')
@@ -269,8 +343,14 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
             if max_frames is not None and index >= max_frames:
                 stopped = f'stopped after max_frames={max_frames} of {stream.message_count}'
                 break
-            frames.append(_localize_frame(localizer, index, stamp, rgb, truth, heading,
-                                          max_gt_gap_s, camera_yaw_deg))
+            prior = None if priors is None else priors.prior_at(stamp, orientation_max_age_s)[0]
+            frame, source = _localize_frame(localizer, index, stamp, rgb, truth, heading,
+                                            max_gt_gap_s, camera_yaw_deg, prior)
+            frames.append(frame)
+            if frame.has_truth:   # localized (or tried): counted with or without a prior
+                counts['frames_with' if prior is not None else 'frames_without'] += 1
+            if source is not None:
+                sources[source or 'none'] = sources.get(source or 'none', 0) + 1
             if plots and index in picks:
                 from taco_cvgl.plots import thumbnail
                 thumbs[index] = thumbnail(rgb)
@@ -303,12 +383,19 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
               'database_entries': len(database),
               'model_fingerprint': database.model_fingerprint, 'top_k': config.top_k,
               'index': config.index, 'min_confidence': config.estimator.min_confidence,
-              'camera_yaw_deg': camera_yaw_deg, 'max_gt_gap_s': max_gt_gap_s}
+              'camera_yaw_deg': camera_yaw_deg, 'max_gt_gap_s': max_gt_gap_s,
+              'orientation_topic': orientation_topic or None}
     metrics = {'schema': SCHEMA, 'mode': 'localizer', 'complete': complete,
                'stopped': stopped, 'inputs': inputs, **summary,
+               'heading_prior': {**prior_info, **counts, 'localizer_sources': sources},
                'warnings': _clock_warnings(frames, truth)}
     if not frames and stopped is None:
         metrics['warnings'].append(f'the image topic {image_topic} holds no decodable image')
+    if priors is not None and counts['frames_without'] and not counts['frames_with']:
+        metrics['warnings'].append(
+            f'no frame had a heading prior: none of the {len(priors)} usable message(s) of '
+            f'{orientation_topic} lies within orientation_max_age_s {orientation_max_age_s:g} s '
+            f'of a frame')
     grid = _grid_rows(frames, thumbs, table, threshold_m, grid_rows) if plots else []
     paths = _write_outputs(Path(out_dir), metrics, frames, table, threshold_m,
                            (database.latitude, database.longitude), background, grid, plots)
@@ -317,23 +404,28 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
 
 def _localize_frame(localizer: CVGLLocalizer, index: int, stamp: int, rgb: np.ndarray,
                     truth: bags.GpsTrack, heading, max_gt_gap_s: float,
-                    camera_yaw_deg: float) -> FrameResult:
-    """Return the frame of one image: its ground truth, and the localizer's answer if any."""
+                    camera_yaw_deg: float, prior: Optional[HeadingPrior] = None
+                    ) -> Tuple[FrameResult, Optional[str]]:
+    """
+    Return the frame of one image (its ground truth, the localizer's answer if any).
+
+    And the heading the localizer used (Measurement.heading_source; None if not localized).
+    """
     lat, lon, hdg = _truth_at(truth, heading, [stamp], max_gt_gap_s)
     frame = FrameResult(index=index, stamp_ns=int(stamp), truth_lat=float(lat[0]),
                         truth_lon=float(lon[0]), truth_heading=float(hdg[0]))
     if not frame.has_truth:
-        return frame  # not localized: it could not be scored
+        return frame, None  # not localized: it could not be scored
     try:
         measurement = localizer.localize(rgb, timestamp=stamp * 1e-9,
-                                         camera_yaw_deg=camera_yaw_deg)
+                                         camera_yaw_deg=camera_yaw_deg, heading=prior)
     except (TacoError, RuntimeError, ValueError) as exc:
         # One frame the model cannot take (odd size, corrupt data) must not lose the others;
         # it is counted, listed and makes the result incomplete.
         frame.failure = f'{type(exc).__name__}: {exc}'
-        return frame
+        return frame, None
     _fill(frame, measurement, localizer.database)
-    return frame
+    return frame, measurement.heading_source
 
 
 def _clock_warnings(frames: Sequence[FrameResult], truth: bags.GpsTrack) -> List[str]:
@@ -892,6 +984,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--gt-heading-topic',
                         help='ground-truth heading: geometry_msgs/QuaternionStamped or '
                              'sensor_msgs/Imu orientation (ENU); without it no heading error')
+    parser.add_argument('--orientation-topic',
+                        help='heading prior of the robot: sensor_msgs/Imu or '
+                             'geometry_msgs/QuaternionStamped orientation (ENU), matched to '
+                             'each image by time as the node does (default: orientation_topic '
+                             'of --params-file; an empty string for none)')
     parser.add_argument('--camera-yaw-deg', type=float, default=0.0,
                         help='camera mounting yaw relative to the robot (deg, CCW positive)')
     parser.add_argument('--max-frames', type=int,
@@ -974,6 +1071,9 @@ def main(argv: Optional[list] = None) -> int:
         raise InputError('give a bag with ground truth (--bag BAG --gt-topic TOPIC) or a '
                          'dataset (--database-folder DIR --queries-folder DIR)')
     elif args.estimate_topic:
+        if args.orientation_topic:
+            raise InputError('--orientation-topic feeds the localizer; a recorded bag '
+                             '(--estimate-topic) is scored without running it')
         result = evaluate_recorded(
             args.bag, args.estimate_topic, args.gt_topic, args.out, gt_bag=args.gt_bag,
             image_topic=args.image_topic, gt_heading_topic=args.gt_heading_topic,
@@ -997,7 +1097,10 @@ def main(argv: Optional[list] = None) -> int:
             max_gt_gap_s=args.max_gt_gap_s, camera_yaw_deg=args.camera_yaw_deg,
             max_frames=args.max_frames, grid_rows=args.grid_rows, background=background,
             progress=progress, plots=not args.no_plots,
-            ks=_check_recall_values(args.recall_values or DEFAULT_KS))
+            ks=_check_recall_values(args.recall_values or DEFAULT_KS),
+            orientation_topic=params.orientation_topic if args.orientation_topic is None
+            else args.orientation_topic, orientation_sigma_deg=params.orientation_sigma_deg,
+            orientation_max_age_s=params.orientation_max_age_s)
     print(format_summary(result.metrics))
     print(f'wrote {result.paths["metrics"]} and {len(result.paths) - 1} more file(s) in '
           f'{args.out}')

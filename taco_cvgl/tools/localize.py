@@ -1,4 +1,10 @@
-"""taco-cvgl localize: print the GPS estimate of each image file."""
+"""
+taco-cvgl localize: print the GPS estimate of each image file.
+
+--heading-deg gives every image the robot's heading (degrees clockwise from true north) as a
+prior, with --heading-sigma-deg (default: orientation_sigma_deg of the settings), as the node
+takes one from orientation_topic.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,10 @@ import sys
 from typing import Iterator, List, Optional, TYPE_CHECKING
 
 from taco_cvgl.errors import InputError
+from taco_cvgl.heading import HeadingPrior
 from taco_cvgl.image_codec import load_image_file, MAX_IMAGE_PIXELS
+from taco_cvgl.orientation import MAX_SIGMA_DEG
+from taco_cvgl.settings import defaults
 from taco_cvgl.tools.common import add_settings_args, reports_errors, settings_from_args
 
 if TYPE_CHECKING:   # torch loads in seconds: not before the arguments are parsed
@@ -18,16 +27,19 @@ if TYPE_CHECKING:   # torch loads in seconds: not before the arguments are parse
 
 
 def localize_files(localizer: CVGLLocalizer, images: List[Path],
-                   max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple]:
+                   max_pixels: int = MAX_IMAGE_PIXELS,
+                   heading: Optional[HeadingPrior] = None) -> Iterator[tuple]:
     """
     Yield (path, Measurement or InputError) for each image; one bad file stops nothing.
+
+    heading: the prior every image gets (None: none).
 
     Whatever fails on one file (a decoder's or the model's own exception included) becomes that
     file's InputError; only KeyboardInterrupt and the like stop the run.
     """
     for path in images:
         try:
-            yield path, localizer.localize(load_image_file(path, max_pixels))
+            yield path, localizer.localize(load_image_file(path, max_pixels), heading=heading)
         except InputError as exc:
             yield path, exc
         except Exception as exc:  # noqa: B902 - the next file must still be localized
@@ -43,6 +55,24 @@ def format_text(path: Path, m: Measurement) -> str:
             f'{heading} confidence {m.confidence:.2f} best {m.matches[0].image_id}')
 
 
+def heading_prior(heading_deg: Optional[float], sigma_deg: Optional[float],
+                  default_sigma_deg: float) -> Optional[HeadingPrior]:
+    """Return the prior of --heading-deg and --heading-sigma-deg; InputError naming the flag."""
+    if heading_deg is None:
+        if sigma_deg is not None:
+            raise InputError('--heading-sigma-deg needs --heading-deg (the heading it is the '
+                             'uncertainty of)')
+        return None
+    sigma = default_sigma_deg if sigma_deg is None else sigma_deg
+    if not math.isfinite(heading_deg):
+        raise InputError(f'--heading-deg must be a finite number of degrees clockwise from '
+                         f'north, got {heading_deg}')
+    if not (math.isfinite(sigma) and 0 < sigma <= MAX_SIGMA_DEG):
+        raise InputError(f'--heading-sigma-deg must be a number of degrees in (0, '
+                         f'{MAX_SIGMA_DEG:g}], got {sigma}')
+    return HeadingPrior(float(heading_deg), float(sigma))
+
+
 @reports_errors
 def main(argv: Optional[list] = None) -> int:
     """Parse arguments, localize each image, print a line (or JSON object) per image."""
@@ -51,13 +81,23 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--db', type=Path, required=True, help='database built by build-db')
     parser.add_argument('--weights', type=Path, required=True, help='the weights that built it')
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
+    parser.add_argument('--heading-deg', type=float, metavar='H',
+                        help="the robot's heading, degrees clockwise from true north: a prior "
+                             'for every image (default: none)')
+    parser.add_argument('--heading-sigma-deg', type=float, metavar='S',
+                        help='1-sigma uncertainty of --heading-deg in degrees (default: '
+                             'orientation_sigma_deg of the settings, '
+                             f'{defaults()["orientation_sigma_deg"]:g})')
     add_settings_args(parser)
     args = parser.parse_args(argv)
-    from taco_cvgl.localizer import CVGLLocalizer
     params = settings_from_args(args, args.weights, args.db)
+    heading = heading_prior(args.heading_deg, args.heading_sigma_deg,
+                            params.orientation_sigma_deg)
+    from taco_cvgl.localizer import CVGLLocalizer
     localizer = CVGLLocalizer.from_settings(params)
     failures = 0
-    for path, result in localize_files(localizer, args.images, params.max_image_pixels):
+    for path, result in localize_files(localizer, args.images, params.max_image_pixels,
+                                       heading):
         if isinstance(result, InputError):
             failures += 1
             print(f'taco-cvgl: error: {result}', file=sys.stderr)
