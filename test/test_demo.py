@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from taco_cvgl.bags import list_topics, read_navsat
 from taco_cvgl.database import EmbeddingDatabase
+from taco_cvgl.geodesy import angle_difference_deg
+from taco_cvgl.tools.evaluate import read_headings
 
 
 @pytest.mark.slow
@@ -27,6 +30,12 @@ def test_demo_pipeline_reduced(tmp_path):
     assert topics['/camera/image_raw'] == 'sensor_msgs/msg/Image'
     assert topics['/gps/fix'] == 'sensor_msgs/msg/NavSatFix'
     assert len(read_navsat(out / 'flight', '/gps/fix')) == 10
+    # Its simulated compass: the true heading, 3 degrees of bias, 2 of noise (4 sigma here).
+    assert topics['/imu/data'] == 'sensor_msgs/msg/Imu'
+    _, truth = read_headings(out / 'flight', '/gps/heading')
+    _, compass = read_headings(out / 'flight', '/imu/data')
+    assert len(compass) == 10
+    assert (np.abs(angle_difference_deg(compass, truth) - 3.0) < 8.0).all()
     # The weights came from the training command and built the map the node used.
     db = EmbeddingDatabase.load(out / 'map' / 'map.npz')
     assert (out / 'train' / 'weights.safetensors').is_file()
@@ -39,6 +48,12 @@ def test_demo_pipeline_reduced(tmp_path):
     assert offline['frames']['scored'] == 10
     assert live['mode'] == 'recorded' and offline['mode'] == 'localizer'
     assert offline['recall_retrieval_only']['available']
+    # Offline with the compass (every frame has its prior) and without it (rotations tried).
+    assert offline['heading_prior']['frames_with'] == 10
+    no_compass = summary['offline_no_compass']
+    assert no_compass['heading_prior']['frames_with'] == 0
+    assert 'tta' in no_compass['heading_prior']['localizer_sources']
+    assert 'confidence' in offline and 'within_3sigma' in offline['calibration']
     assert not live['recall_retrieval_only']['available']
     # The node answered the frames (publish_no_fix is on; it may skip one it fell behind on).
     assert live['fixes']['count'] + live['frames']['no_fix_messages'] >= 8

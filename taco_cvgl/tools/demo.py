@@ -48,6 +48,16 @@ PIXEL_M = 30.0
 IMAGE_TOPIC = '/camera/image_raw'
 GT_TOPIC = '/gps/fix'
 GT_HEADING_TOPIC = '/gps/heading'   # geometry_msgs/QuaternionStamped, ENU yaw of the camera
+COMPASS_TOPIC = '/imu/data'         # sensor_msgs/Imu: a simulated compass, the heading prior
+# The simulated compass: a constant bias (a magnetometer's hard-iron error, or a misaligned
+# mounting) plus white noise, and the 1-sigma it reports (both together).
+COMPASS_BIAS_DEG = 3.0
+COMPASS_NOISE_DEG = 2.0
+COMPASS_SIGMA_DEG = float(np.hypot(COMPASS_BIAS_DEG, COMPASS_NOISE_DEG))
+# Training views are turned north-up by their heading, then by at most this much either way:
+# the error left by a compass, or by rotation_tta 8 (45 degree steps) without one.
+TRAIN_ROTATION_DEG = 22.5
+DEMO_TTA = 8                        # rotation_tta of the demo's settings
 FIX_TOPIC = '/cvgl/fix'
 GEOPOSE_TOPIC = '/cvgl/geopose'
 
@@ -86,10 +96,17 @@ def _write_csv(path: Path, rows: List[list]) -> None:
 
 
 def make_training_set(scene, region, out: Path, views_per_place: int, seed: int) -> Path:
-    """Write training tiles and simulated views of the training region; return the CSV."""
+    """
+    Write training tiles and simulated views of the training region; return the CSV.
+
+    The views are turned north-up by their true heading (`heading.north_up`, as the localizer
+    turns a query by its prior), so the CSV gives them heading 0; training adds the turns a
+    prior leaves (TRAIN_ROTATION_DEG).
+    """
     import cv2
     from taco_cvgl.demo.scene import make_tiles
     from taco_cvgl.demo.views import random_view
+    from taco_cvgl.heading import north_up
     csv_path = out / 'train.csv'
     if csv_path.is_file():
         return csv_path
@@ -104,8 +121,9 @@ def make_training_set(scene, region, out: Path, views_per_place: int, seed: int)
             view = random_view(scene, (tile.col, tile.row), rng, strength=1.0,
                                jitter_px=STRIDE_PX / 4, out_px=128, footprint_px=FOOTPRINT_PX)
             name = f'view_{i:05d}_{j}.jpg'
-            cv2.imwrite(str(out / name), cv2.cvtColor(view.image, cv2.COLOR_RGB2BGR))
-            rows.append([name, view.latitude, view.longitude, view.heading_deg])
+            image = north_up(view.image, view.heading_deg)
+            cv2.imwrite(str(out / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            rows.append([name, view.latitude, view.longitude, 0.0])
     _write_csv(csv_path, rows)
     return csv_path
 
@@ -143,7 +161,7 @@ def train_weights(train_csv: Path, out: Path, options: DemoOptions) -> Path:
         out_dir=str(out), train_dir=str(train_csv.parent), train_csv=str(train_csv),
         pos_radius_m=STRIDE_PX * PIXEL_M / 2, neg_radius_m=FOOTPRINT_PX * PIXEL_M,
         backbone=options.backbone, backbone_weights=options.backbone_weights,
-        rotate=True, batch_size=32, max_epochs=options.train_epochs,
+        rotate=True, rotate_max_deg=TRAIN_ROTATION_DEG, batch_size=32, max_epochs=options.train_epochs,
         seed=options.seed, threshold_m=STRIDE_PX * PIXEL_M,
         validate_first=False, progress=options.progress,
         max_minutes=options.train_minutes, **training_recipe(options)))
@@ -180,15 +198,28 @@ def make_map(scene, region, out: Path, weights: Path, extra_meta: Dict) -> Path:
     return db_path
 
 
-def write_flight_bag(views, path: Path) -> Path:
-    """Write the flight as a rosbag2 MCAP: camera images and ground-truth GPS fixes."""
+def compass(views, seed: int):
+    """Return the simulated compass's HeadingPrior for each view (bias + noise, seeded)."""
+    from taco_cvgl.heading import HeadingPrior
+    noise = np.random.default_rng(seed).normal(0.0, COMPASS_NOISE_DEG, len(views))
+    return [HeadingPrior(float(np.mod(view.heading_deg + COMPASS_BIAS_DEG + e, 360.0)),
+                         COMPASS_SIGMA_DEG) for view, e in zip(views, noise)]
+
+
+def write_flight_bag(views, path: Path, seed: int = 0) -> Path:
+    """
+    Write the flight as a rosbag2 MCAP: camera images, ground-truth GPS fixes and headings,
+    and a simulated compass (sensor_msgs/Imu, orientation only, REP-145) on COMPASS_TOPIC.
+    """
     from taco_cvgl.bags import _header, BagWriter, typestore
     from taco_cvgl.geodesy import heading_to_enu_yaw, yaw_to_quaternion
     if path.exists():
         return path
     types = typestore().types
+    yaw_variance = float(np.radians(COMPASS_SIGMA_DEG) ** 2)
+    unknown = [-1.0] + [0.0] * 8            # REP-145: this Imu measures no rates, no accel.
     with BagWriter(path, storage='mcap') as writer:
-        for view in views:
+        for view, prior in zip(views, compass(views, seed)):
             stamp = int(round(view.stamp_s * 1e9))
             writer.write_navsat(GT_TOPIC, stamp, view.latitude, view.longitude, 0.0,
                                 cov=[1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], frame_id='gps')
@@ -197,6 +228,17 @@ def write_flight_bag(views, path: Path) -> Path:
             writer.write_msg(GT_HEADING_TOPIC, stamp, types[
                 'geometry_msgs/msg/QuaternionStamped'](header=_header(stamp, 'camera'),
                                                        quaternion=quaternion))
+            x, y, z, w = yaw_to_quaternion(heading_to_enu_yaw(prior.heading_deg))
+            vector = types['geometry_msgs/msg/Vector3']
+            writer.write_msg(COMPASS_TOPIC, stamp - 10_000_000, types['sensor_msgs/msg/Imu'](
+                header=_header(stamp - 10_000_000, 'base_link'),
+                orientation=types['geometry_msgs/msg/Quaternion'](x=x, y=y, z=z, w=w),
+                orientation_covariance=np.array(
+                    [1e6, 0, 0, 0, 1e6, 0, 0, 0, yaw_variance], float),
+                angular_velocity=vector(x=0.0, y=0.0, z=0.0),
+                angular_velocity_covariance=np.array(unknown, float),
+                linear_acceleration=vector(x=0.0, y=0.0, z=0.0),
+                linear_acceleration_covariance=np.array(unknown, float)))
             writer.write_image(IMAGE_TOPIC, stamp, view.image, frame_id='camera',
                                encoding='bgr8')
     return path
@@ -221,7 +263,9 @@ def demo_settings(weights='', database=''):
                       rerank_acquisition_min_inliers=20,
                       prior_radius_m=2 * STRIDE_PX * PIXEL_M, prior_candidates=9,
                       prior_max_age_s=120.0, track_speed_sigma_mps=50.0,
-                      track_accel_sigma_mps2=1.0, publish_no_fix=True)
+                      track_accel_sigma_mps2=1.0, publish_no_fix=True,
+                      orientation_topic=COMPASS_TOPIC, orientation_type='imu',
+                      rotation_tta=DEMO_TTA)
 
 
 def demo_localizer_config():
@@ -230,23 +274,41 @@ def demo_localizer_config():
     return localizer_config(demo_settings())
 
 
-def calibrate(localizer, views) -> Dict[str, float]:
-    """Return the covariance scales that put 95 % of the fixes' errors within 2 sigma."""
-    from taco_cvgl.estimate import calibrate_scale
+# A calibration fix is "right" for the confidence model when it is within this distance: the
+# in-tile accuracy a verified fix claims, not the grid stride any retrieval hit reaches.
+CONFIDENCE_RIGHT_WITHIN_M = 40.0
+
+
+def calibrate(localizer, views, priors) -> Dict:
+    """
+    Fit the verified fixes' covariance and confidence models on a calibration flight.
+
+    Returns the map meta entries (taco_cvgl.calibration): sigma from the verification's
+    inliers, residual and in-tile offset by maximum likelihood, and P(error within
+    CONFIDENCE_RIGHT_WITHIN_M) by logistic regression; with too few fixes each falls back to
+    the single scale / inlier share, and says so in its note.
+    """
+    from taco_cvgl.calibration import (CONFIDENCE_META_KEY, COVARIANCE_META_KEY,
+                                       fit_confidence, fit_covariance, FixFeatures)
     from taco_cvgl.geodesy import to_enu
-    errors, covariances = [], []
-    for view in views:
-        m = localizer.localize(view.image, timestamp=view.stamp_s)
-        if m.fix:
+    gsd = float(localizer.database.meta['gsd_m'])
+    features, errors = [], []
+    for view, prior in zip(views, priors):
+        m = localizer.localize(view.image, timestamp=view.stamp_s, heading=prior)
+        if m.fix and m.verification is not None:
+            features.append(FixFeatures.of(m.verification, gsd))
             errors.append(to_enu(view.latitude, view.longitude, m.latitude, m.longitude))
-            covariances.append(m.position_covariance[:2, :2])
     if len(errors) < 10:
         log(f'warning: only {len(errors)} fixes on the calibration flight, too few to '
             f'calibrate: the covariance keeps its uncalibrated scale')
         return {'calibration_fixes': len(errors), 'calibration_frames': len(views)}
-    scale = calibrate_scale(np.array(errors), np.array(covariances))
-    return {'verified_covariance_scale': scale, 'calibration_fixes': len(errors),
-            'calibration_frames': len(views)}
+    errors = np.array(errors, dtype=float)
+    covariance = fit_covariance(features, errors)
+    confidence = fit_confidence(features, np.hypot(errors[:, 0], errors[:, 1]),
+                                right_within_m=CONFIDENCE_RIGHT_WITHIN_M,
+                                min_inliers=localizer.config.rerank.min_inliers)
+    return {COVARIANCE_META_KEY: covariance.to_meta(), CONFIDENCE_META_KEY: confidence.to_meta(),
+            'calibration_fixes': len(errors), 'calibration_frames': len(views)}
 
 
 def middle_rows(region, fraction: float):
@@ -361,16 +423,16 @@ def run_demo(options: DemoOptions) -> Dict:
     calib_views = simulate_flight(scene, train_region, options.calibration_frames, rng,
                                   strength=options.appearance, out_px=VIEW_PX)
     localizer = CVGLLocalizer.from_files(weights, calib_db, config=demo_localizer_config())
-    scales = calibrate(localizer, calib_views)
-    log(f'3/6 map: verified-fix covariance scale '
-        f'{scales.get("verified_covariance_scale", 1.0):.2f} ({scales["calibration_fixes"]} '
+    scales = calibrate(localizer, calib_views, compass(calib_views, options.seed + 3))
+    model = scales.get('verified_covariance_model', {}).get('kind', 'uncalibrated')
+    log(f'3/6 map: verified-fix covariance model {model} ({scales["calibration_fixes"]} '
         f'fixes); building the evaluation (east) map')
     db = make_map(scene, eval_region, out / 'map', weights, scales)
     log('4/6 flight: simulating the camera over the evaluation area')
     views = simulate_flight(scene, eval_region, options.flight_frames,
                             np.random.default_rng(options.seed + 2),
                             strength=options.appearance, out_px=VIEW_PX)
-    flight_bag = write_flight_bag(views, out / 'flight')
+    flight_bag = write_flight_bag(views, out / 'flight', seed=options.seed + 4)
     log('5/6 live: node process + bag replay + recording')
     live_bag = run_live(options, weights, db, flight_bag)
     log('6/6 evaluate: the recorded bag, then the flight offline')
@@ -380,11 +442,14 @@ def run_demo(options: DemoOptions) -> Dict:
                              gt_bag=flight_bag, image_topic=IMAGE_TOPIC,
                              gt_heading_topic=GT_HEADING_TOPIC, threshold_m=threshold,
                              db=db, background=background, progress=options.progress)
-    offline = evaluate_bag(flight_bag, IMAGE_TOPIC, GT_TOPIC, db, weights,
-                           out / 'eval_offline', gt_heading_topic=GT_HEADING_TOPIC,
-                           threshold_m=threshold, config=demo_localizer_config(),
-                           background=background, progress=options.progress)
-    summary = {'live': live.metrics, 'offline': offline.metrics, 'embedder': embedder,
+    offline, no_compass = (evaluate_bag(
+        flight_bag, IMAGE_TOPIC, GT_TOPIC, db, weights, out / folder,
+        gt_heading_topic=GT_HEADING_TOPIC, threshold_m=threshold,
+        config=demo_localizer_config(), background=background, progress=options.progress,
+        orientation_topic=topic) for folder, topic in (('eval_offline', COMPASS_TOPIC),
+                                                       ('eval_offline_no_compass', None)))
+    summary = {'live': live.metrics, 'offline': offline.metrics,
+               'offline_no_compass': no_compass.metrics, 'embedder': embedder,
                'weights': str(weights), 'database': str(db),
                'flight_bag': str(flight_bag), 'live_bag': str(live_bag),
                'minutes': (time.monotonic() - started) / 60}
@@ -457,7 +522,13 @@ def print_summary(summary: Dict, out: Path) -> None:
     print('  (Landsat-8, one date; simulated downward camera; see README for limits)')
     embedder = summary.get('embedder', {})
     print(f'  embedder: {embedder.get("name")} from {_initial(embedder)}')
-    for name, m in (('live node (recorded bag)', live), ('offline (same localizer)', offline)):
+    runs = [('live node (recorded bag), with the compass', live),
+            ('offline (same localizer), with the compass', offline),
+            (f'offline without the compass (rotation_tta {DEMO_TTA})',
+             summary.get('offline_no_compass'))]
+    for name, m in runs:
+        if m is None:
+            continue
         recall = m['recall'].get('at_1') if m['recall'].get('available') else None
         alone = m.get('recall_retrieval_only', {})
         alone = alone.get('at_1') if alone.get('available') else None
@@ -469,9 +540,13 @@ def print_summary(summary: Dict, out: Path) -> None:
         if alone is not None:
             print(f'    Recall@1 of the image embedding alone (no verification, no motion '
                   f'prior) {pct(alone)}')
+        auc = m.get('confidence', {}).get('auc_pr')
         print(f'    median error of fixes {"n/a" if error is None else f"{error:.0f} m"}   '
-              f'2-sigma ellipse holds {pct(cal.get("within_2sigma"))}')
-    print(f'  pictures: {out}/eval_offline/*.png and {out}/eval_live/*.png')
+              f'1/2/3-sigma ellipses hold {pct(cal.get("within_1sigma"))} / '
+              f'{pct(cal.get("within_2sigma"))} / {pct(cal.get("within_3sigma"))}   '
+              f'confidence AUC-PR {"n/a" if auc is None else f"{auc:.3f}"}')
+    print(f'  pictures: {out}/eval_offline/*.png, {out}/eval_offline_no_compass/*.png and '
+          f'{out}/eval_live/*.png')
 
 
 def _initial(embedder: Dict) -> str:
