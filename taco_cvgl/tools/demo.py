@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,10 +216,13 @@ def write_flight_bag(views, path: Path, seed: int = 0) -> Path:
     from taco_cvgl.geodesy import heading_to_enu_yaw, yaw_to_quaternion
     if path.exists():
         return path
+    partial = path.with_name(path.name + '.partial')   # a stopped demo leaves no half bag
+    if partial.exists():
+        shutil.rmtree(partial)
     types = typestore().types
     yaw_variance = float(np.radians(COMPASS_SIGMA_DEG) ** 2)
     unknown = [-1.0] + [0.0] * 8            # REP-145: this Imu measures no rates, no accel.
-    with BagWriter(path, storage='mcap') as writer:
+    with BagWriter(partial, storage='mcap') as writer:
         for view, prior in zip(views, compass(views, seed)):
             stamp = int(round(view.stamp_s * 1e9))
             writer.write_navsat(GT_TOPIC, stamp, view.latitude, view.longitude, 0.0,
@@ -230,8 +234,8 @@ def write_flight_bag(views, path: Path, seed: int = 0) -> Path:
                                                        quaternion=quaternion))
             x, y, z, w = yaw_to_quaternion(heading_to_enu_yaw(prior.heading_deg))
             vector = types['geometry_msgs/msg/Vector3']
-            writer.write_msg(COMPASS_TOPIC, stamp - 10_000_000, types['sensor_msgs/msg/Imu'](
-                header=_header(stamp - 10_000_000, 'base_link'),
+            writer.write_msg(COMPASS_TOPIC, stamp + 10_000_000, types['sensor_msgs/msg/Imu'](
+                header=_header(stamp + 10_000_000, 'base_link'),
                 orientation=types['geometry_msgs/msg/Quaternion'](x=x, y=y, z=z, w=w),
                 orientation_covariance=np.array(
                     [1e6, 0, 0, 0, 1e6, 0, 0, 0, yaw_variance], float),
@@ -241,6 +245,7 @@ def write_flight_bag(views, path: Path, seed: int = 0) -> Path:
                 linear_acceleration_covariance=np.array(unknown, float)))
             writer.write_image(IMAGE_TOPIC, stamp, view.image, frame_id='camera',
                                encoding='bgr8')
+    partial.rename(path)
     return path
 
 
