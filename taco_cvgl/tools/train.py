@@ -3,7 +3,9 @@ taco-cvgl train: train the embedder with PyTorch Lightning and export weights fo
 
 A run directory OUT holds: run.json (the options), train_triplets.csv (when generated from GPS),
 mined_triplets.csv (after hard-negative re-mining), checkpoints/best.ckpt and last.ckpt,
-tb/ (TensorBoard) and weights.safetensors (fp16, what `build-db` and the node load).
+tb/ (TensorBoard) and weights.safetensors (fp16, what `build-db` and the node load); with
+--simulate-views, map_views/ (simulated camera views of the map's tiles, see
+taco_cvgl.training.map_views).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from taco_cvgl.tools.common import (LIGHTNING_PRECISION, precision_name, PRECISI
 
 WEIGHTS_NAME = 'weights.safetensors'
 RUN_FILE = 'run.json'
+MAP_VIEWS = 'map_views'      # --simulate-views: the views (and GeoTIFF tiles) of the map
 # What Lightning restores a run from, beyond the model: a weights-only file cannot resume.
 RESUME_STATE = {'optimizer_states': list, 'lr_schedulers': list, 'loops': dict}
 
@@ -68,6 +71,28 @@ class TrainOptions:
     remine_every: int = _opt(0, 're-mine hard negatives from the current model every this '
                                 'many epochs (0: never; needs --train-csv)')
     mine_candidates: int = _opt(10, 're-mining draws among this many hardest negatives')
+    # training on a map alone (taco_cvgl.training.map_views)
+    simulate_views: int = _opt(0, 'simulated camera views per map tile, made once into '
+                                  'OUT/map_views from the map itself (--train-csv: its north-up '
+                                  'tiles; or --map-geotiff); the tiles stay in the training set '
+                                  'and each view is a positive of its tile (0: none); set '
+                                  '--pos-radius-m and --neg-radius-m to the scale of the map, '
+                                  'e.g. half a tile width and a tile width')
+    map_gsd_m: Optional[float] = _opt(None, 'ground sampling distance of the --train-csv map '
+                                            'tiles, metres per pixel (default: measured from '
+                                            'the overlap of neighbouring tiles, or their '
+                                            'spacing where they abut)')
+    map_geotiff: Optional[str] = _opt(None, 'a georeferenced GeoTIFF map (projected CRS) to cut '
+                                            'north-up tiles and views from, instead of '
+                                            '--train-csv (with --simulate-views)')
+    map_bands: Tuple[int, int, int] = _opt((0, 1, 2), 'the --map-geotiff bands holding red, '
+                                                      'green and blue, counting from 0 (the '
+                                                      'demo scene: 2 1 0)', nargs=3)
+    map_tile_m: Optional[float] = _opt(None, '--map-geotiff tile footprint in metres (default: '
+                                             '96 pixels of the file); tiles are written at the '
+                                             'network input size')
+    map_stride_m: Optional[float] = _opt(None, '--map-geotiff tile spacing in metres (default: '
+                                               'half the footprint)')
     # model
     embedding_dim: int = _opt(512, 'length of the embedding vector')
     input_size: Tuple[int, int] = _opt((224, 224), 'network input height and width in pixels '
@@ -201,12 +226,13 @@ def _check(opts: TrainOptions) -> TrainOptions:
     """Return the options with paths and sizes checked, naming the option at fault."""
     if not opts.out_dir:
         raise InputError('give the run directory: --out DIR')
-    if not opts.train_dir or not Path(opts.train_dir).is_dir():
+    opts = _check_map(opts)
+    if not opts.train_dir or (not Path(opts.train_dir).is_dir() and not opts.map_geotiff):
         raise InputError(f'training image folder not found: --train-dir {opts.train_dir!r}')
-    if not opts.train_csv and not opts.train_triplets:
+    if not opts.train_csv and not opts.train_triplets and not opts.map_geotiff:
         raise InputError('give --train-csv (triplets are generated from GPS) and/or '
                          '--train-triplets')
-    if opts.remine_every > 0 and not opts.train_csv:
+    if opts.remine_every > 0 and not opts.train_csv and not opts.map_geotiff:
         raise InputError('--remine-every needs --train-csv (the GPS of the training images)')
     if opts.val_query_csv and not opts.val_csv:
         raise InputError('--val-query-csv needs --val-csv (the validation database)')
@@ -226,6 +252,42 @@ def _check(opts: TrainOptions) -> TrainOptions:
     if opts.precision not in PRECISIONS:
         raise InputError(f'--precision must be one of {PRECISIONS}, got {opts.precision!r}')
     return dataclasses.replace(opts, input_size=size)
+
+
+def _check_map(opts: TrainOptions) -> TrainOptions:
+    """Check the map options; a GeoTIFF run's images live in OUT/map_views unless given."""
+    if opts.simulate_views < 0:
+        raise InputError(f'--simulate-views must be >= 0, got {opts.simulate_views}')
+    sizes = {'map_gsd_m': opts.map_gsd_m, 'map_tile_m': opts.map_tile_m,
+             'map_stride_m': opts.map_stride_m}
+    bad = [f'{k} = {v}' for k, v in sizes.items() if v is not None and not v > 0]
+    if bad:
+        raise InputError(f'these options must be positive: {", ".join(bad)}')
+    geotiff_only = [flag for flag, v in (('--map-tile-m', opts.map_tile_m),
+                                         ('--map-stride-m', opts.map_stride_m)) if v is not None]
+    if geotiff_only and not opts.map_geotiff:
+        raise InputError(f'{" and ".join(geotiff_only)} cut tiles from --map-geotiff; give it')
+    if not opts.simulate_views:
+        if opts.map_geotiff or opts.map_gsd_m is not None:
+            raise InputError('--map-geotiff and --map-gsd-m are for --simulate-views N (views '
+                             'per map tile)')
+        return opts
+    if opts.train_triplets:
+        raise InputError('--simulate-views makes its triplets from GPS: give --train-csv (map '
+                         'tiles) or --map-geotiff, not --train-triplets')
+    if opts.map_geotiff:
+        if opts.train_csv:
+            raise InputError('give one map: --train-csv (tiles) or --map-geotiff, not both')
+        if opts.map_gsd_m is not None:
+            raise InputError('--map-gsd-m is for --train-csv tiles; a GeoTIFF carries its own')
+        if not Path(opts.map_geotiff).is_file():
+            raise InputError(f'GeoTIFF not found: --map-geotiff {opts.map_geotiff!r}')
+        if not opts.train_dir:
+            opts = dataclasses.replace(opts, train_dir=str(Path(opts.out_dir) / MAP_VIEWS))
+    elif not opts.train_csv:
+        raise InputError('--simulate-views needs the map: --train-csv (north-up tiles) or '
+                         '--map-geotiff')
+    return opts
 
 
 def _model_config(opts: TrainOptions, backbone: str):
@@ -346,7 +408,10 @@ def _training_data(opts: TrainOptions, out: Path):
     """Return (triplets, lines skipped, triplet file, whether it must be written, records)."""
     from taco_cvgl.database import read_csv
     from taco_cvgl.training.data import generate_triplets, read_triplets
-    records = read_csv(opts.train_csv, opts.train_dir) if opts.train_csv else None
+    if opts.simulate_views:
+        records = _map_records(opts, out)
+    else:
+        records = read_csv(opts.train_csv, opts.train_dir) if opts.train_csv else None
     if opts.train_triplets:
         triplets, skipped = read_triplets(opts.train_triplets, opts.train_dir, opts.skip_missing)
         return triplets, skipped, Path(opts.train_triplets), False, records
@@ -360,6 +425,48 @@ def _training_data(opts: TrainOptions, out: Path):
     print(f'{summary.triplets} triplets from {summary.anchors} anchors at {summary.places} '
           f'places ({summary.without_positive} images without a positive) -> {path}')
     return triplets, 0, path, True, records
+
+
+def _map_records(opts: TrainOptions, out: Path) -> list:
+    """Return the map's tiles and views (made into OUT/map_views once, then reused)."""
+    from taco_cvgl.training.map_views import (geotiff_map_views, tile_map_views, ViewRecipe,
+                                              VIEWS_CSV)
+    folder = out / MAP_VIEWS
+    if not _is_global_zero():     # the first process makes them; the others wait and read
+        _wait_for(folder / VIEWS_CSV)
+    # Each view lies within pos_radius_m of its tile, so that the pair is a positive.
+    recipe = ViewRecipe(per_tile=opts.simulate_views, seed=opts.seed,
+                        max_jitter_m=opts.pos_radius_m / 2.0)
+    if opts.map_geotiff:
+        made = geotiff_map_views(opts.map_geotiff, folder, recipe, opts.map_tile_m,
+                                 opts.map_stride_m, max(opts.input_size), opts.map_bands,
+                                 opts.resume or not _is_global_zero())
+    else:
+        made = tile_map_views(opts.train_csv, opts.train_dir, folder, recipe, opts.map_gsd_m,
+                              opts.resume or not _is_global_zero())
+    print(f'{"reused" if made.reused else "made"} {len(made.views)} simulated views of '
+          f'{len(made.tiles)} map tiles -> {made.csv}: GSD {made.gsd_m:.3g} m/px '
+          f'({made.gsd_source}), tiles {made.footprint_m:.0f} m wide, view centres within '
+          f'{made.jitter_m:.0f} m of their tile centre, {100 * made.real_fraction:.0f} % of view '
+          f'pixels on map ground' + (f', {made.skipped} views left out near the map edge'
+                                     if made.skipped else ''))
+    overlap = 1.0 - opts.neg_radius_m / made.footprint_m   # of tiles farther apart, at most
+    if overlap > 0.05:
+        print(f'note: --neg-radius-m {opts.neg_radius_m:g} is less than the tile width '
+              f'({made.footprint_m:.0f} m): tiles that overlap by up to {100 * overlap:.0f} % '
+              f'can be negatives of each other')
+    return made.tiles + made.views
+
+
+def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
+    """Wait for a file another process of the run writes."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise InputError(f'{path} did not appear within {timeout_s:.0f} s (the first '
+                             f'process of the run makes it)')
+        time.sleep(1.0)
 
 
 def _validation_data(opts: TrainOptions, config):
@@ -606,8 +713,8 @@ def main(argv: Optional[list] = None) -> int:
     opts = TrainOptions(**args)
     if triplets_out:
         from taco_cvgl.training.data import make_triplets
-        if not opts.train_csv:
-            raise InputError('--make-triplets needs --train-csv')
+        if not opts.train_csv or opts.simulate_views:
+            raise InputError('--make-triplets needs --train-csv, without --simulate-views')
         summary = make_triplets(opts.train_csv, triplets_out, opts.pos_radius_m,
                                 opts.neg_radius_m, opts.max_heading_diff_deg,
                                 opts.triplets_per_anchor, opts.seed,
