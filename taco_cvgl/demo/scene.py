@@ -55,13 +55,15 @@ class Scene:
     A north-up (UTM grid) georeferenced RGB image.
 
     rgb: H x W x 3 uint8; valid: H x W bool (False on the empty scene edges).
+    epsg: the projected grid's EPSG code, or any pyproj CRS (training on a map alone wraps a
+    local azimuthal-equidistant mosaic as a Scene).
     origin_e, origin_n: UTM easting/northing (metres) of the top-left corner of pixel (0, 0).
     pixel_size_m: metres per pixel along both axes (rows grow southwards).
     """
 
     rgb: np.ndarray
     valid: np.ndarray
-    epsg: int
+    epsg: Union[int, 'pyproj.CRS']  # noqa: F821
     origin_e: float
     origin_n: float
     pixel_size_m: float
