@@ -29,6 +29,7 @@ setup(
         'console_scripts': [
             'taco-cvgl = taco_cvgl.tools.cli:main',
             'cvgl_node = taco_cvgl.ros.node:main',
+            'cvgl_lifecycle_node = taco_cvgl.ros.lifecycle_node:main',
         ],
     },
 )

@@ -49,7 +49,8 @@ def test_only_clearly_named_commands_are_installed():
                            for k in node.keys))
     entries = [ast.literal_eval(v) for k, v in zip(scripts.keys, scripts.values)
                if k.value == 'console_scripts'][0]
-    assert sorted(e.split('=')[0].strip() for e in entries) == ['cvgl_node', 'taco-cvgl']
+    assert sorted(e.split('=')[0].strip() for e in entries) == [
+        'cvgl_lifecycle_node', 'cvgl_node', 'taco-cvgl']
 
 
 EVALUATE_BAG = ['--bag', 'b', '--gt-topic', '/gps', '--out', 'o']

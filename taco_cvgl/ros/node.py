@@ -20,6 +20,27 @@ taco_cvgl/settings.py marks them): the callback checks a change and the worker a
 between batches, as it does `~/reset_track` (std_srvs/Trigger), which forgets the motion track
 (after the robot was carried elsewhere).
 
+The map changes at run time too, without a restart, in two ways that share one loader:
+- `ros2 param set /cvgl_node database /maps/other.npz`: the parameter callback loads that map
+  beside the running one (same model: the map must have been built with these weights), and a
+  map that does not load or does not match is refused with the reason as the set's result, so
+  the parameter keeps naming the map in use;
+- `~/load_map` (std_srvs/Trigger) reloads the file `database` names (a map rebuilt in place);
+  the response says which map and how many places, or why not.
+No ROS service type of the standard interfaces carries a path with a textual answer, hence the
+parameter plus a Trigger. The worker swaps the new map in between batches, so every frame is
+localized against one whole map; the motion track starts afresh (its places were the old
+map's). The load runs in the call: the worker keeps localizing with the old map meanwhile,
+new images wait (newest frame only). A fast_path:=int8 model stays calibrated on the first map.
+
+Image subscriptions and every publisher take the standard QoS overrides
+(`qos_overrides./TOPIC.subscription.reliability`, `.depth`, `.history`, publishers likewise, in
+a params file), over the defaults qos_reliability and qos_depth give; a bad override is refused
+at start with one line.
+
+cvgl_lifecycle_node (taco_cvgl/ros/lifecycle_node.py) is the same node as a managed (lifecycle)
+node; CVGLCore below is what both run.
+
 Run: ros2 run taco_cvgl cvgl_node --ros-args --params-file config/cvgl.yaml -p weights:=W
 -p database:=D (or python -m taco_cvgl.ros.node ...). Parameters: taco_cvgl/ros/params.py.
 """
@@ -27,25 +48,28 @@ Run: ros2 run taco_cvgl cvgl_node --ros-args --params-file config/cvgl.yaml -p w
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import Callable, Collection, List, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import QuaternionStamped
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
+from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import InvalidQosOverridesError, QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image, Imu, NavSatFix
-from taco_cvgl.errors import InputError, TacoError
+from taco_cvgl.errors import InputError, MismatchError, TacoError
 from taco_cvgl.image_codec import decode_msg, OversizedImageError
 from taco_cvgl.orientation import message_prior, OrientationBuffer
 from taco_cvgl.ros import messages
-from taco_cvgl.ros.params import declare, updated
+from taco_cvgl.ros.params import check_topics, declare, READ_ONLY, updated
 from taco_cvgl.settings import localizer_config, NodeParams
 
 NODE_NAME = 'cvgl_node'
@@ -98,130 +122,294 @@ class Counters:
         return problems
 
 
-class CVGLNode(Node):
-    """Subscribe to the cameras, localize their newest frames in batches, publish fixes."""
+# How the descriptor of `database` tells that a change loads a new map.
+MAP_NOTE = ('changeable at run time: the node loads the new map (built with the same weights) '
+            'and swaps it in between frames; a map that fails to load is refused, the old one '
+            'stays')
+TABLE = frozenset(field.name for field in dataclasses.fields(NodeParams))
+# Errors rclpy raises on a qos_overrides parameter it cannot apply (a bad policy name is a
+# RuntimeError).
+QOS_ERRORS = (InvalidParameterTypeException, InvalidQosOverridesError, RuntimeError)
 
-    def __init__(self, argv: Optional[List[str]] = None, **kwargs):
-        """
-        Declare parameters, load model and database (fail fast), start the worker.
 
-        argv: the command line given to rclpy.init (None: sys.argv, as there), so that a value
-        rcl could not apply is refused rather than ignored.
-        """
-        super().__init__(NODE_NAME, **kwargs)
-        try:
-            self._start([*(sys.argv if argv is None else argv), *(kwargs.get('cli_args') or ())])
-        except BaseException:
-            # A half-built node left to the garbage collector is freed after rclpy's shutdown,
-            # which can crash the process (SIGSEGV) instead of the clean exit code 1.
-            self.destroy_node()
-            raise
+class CVGLCore:
+    """
+    What cvgl_node and cvgl_lifecycle_node share: parameters, map, frames, worker, outputs.
 
-    def _start(self, argv: List[str]) -> None:
-        """Check and declare the parameters, load model and map, open the topics, start work."""
-        self.params = declare(self, argv)
-        from taco_cvgl.localizer import CVGLLocalizer   # torch: after the parameter checks
-        self.localizer = CVGLLocalizer.from_settings(self.params)
-        p = self.params
+    A mixin for an rclpy Node (plain or lifecycle). The steps, in the order a node runs them:
+    _init_core (parameters, services), _load (check topics, load weights and map),
+    _open_outputs (publishers), _start_worker, _start_receiving (subscriptions, diagnostics);
+    undone by _stop_receiving, stop, _close_outputs and _release.
+    """
+
+    def _init_core(self, argv: List[str], writable: Optional[dict] = None) -> None:
+        """Declare the parameters (writable: see params.declare), offer the services."""
+        self.params = declare(self, argv, writable)
+        self.localizer = None
         self._geopose_type = messages.geopose_type()
         if self._geopose_type is None:
             self.get_logger().warning(
                 'geographic_msgs is not installed: publishing NavSatFix only (install '
                 'ros-$ROS_DISTRO-geographic-msgs for the GeoPose with heading)')
-        self._fix_pub = self.create_publisher(NavSatFix, p.fix_topic, 10)
-        self._geopose_pub = (self.create_publisher(self._geopose_type, p.geopose_topic, 10)
-                             if self._geopose_type else None)
-        self._imu_pub = self.create_publisher(Imu, p.imu_topic, 10) if p.imu_topic else None
-        self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        qos = QoSProfile(depth=p.qos_depth, history=HistoryPolicy.KEEP_LAST,
-                         durability=DurabilityPolicy.VOLATILE,
-                         reliability=ReliabilityPolicy.BEST_EFFORT
-                         if p.qos_reliability == 'best_effort' else ReliabilityPolicy.RELIABLE)
+        self._cond = threading.Condition()
+        self._topics: List[str] = []
+        self._latest: List[Optional[tuple]] = []
+        self._pending: Optional[NodeParams] = None  # checked run-time changes, for the worker
+        self._pending_map = None                    # a loaded map (localizer), for the worker
+        self._reset_requested = False
+        self._worker: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._inputs: list = []                     # the subscriptions
+        self._diag_timer = None
+        self._outputs: list = []
+        self._fix_pub = self._geopose_pub = self._imu_pub = self._diag_pub = None
+        self._counters = Counters()
+        self._reported = (time.monotonic(), Counters())
+        self._orientation = OrientationBuffer()
+        self._orientation_topic = ''
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._create_services()
+
+    def _load(self) -> None:
+        """Check the topic names, then load weights and map (TacoError naming the setting)."""
+        p = self.params
+        check_topics(self, p)
         compressed = p.image_transport == 'compressed'
         self._topics = [self.resolve_topic_name(t) + ('/compressed' if compressed else '')
                         for t in p.image_topics]
-        self._cond = threading.Condition()
-        self._latest: List[Optional[tuple]] = [None] * len(self._topics)
-        self._pending: Optional[NodeParams] = None  # checked run-time changes, for the worker
-        self._reset_requested = False
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._create_reset_service()
-        self._counters = Counters()
-        self._reported = (time.monotonic(), Counters())
-        for index, topic in enumerate(self._topics):
-            self.create_subscription(CompressedImage if compressed else Image, topic,
-                                     lambda msg, i=index: self._store(i, msg), qos)
-        self._orientation = OrientationBuffer()
-        self._orientation_topic = self._subscribe_orientation(p, qos)
-        self.create_timer(p.diagnostics_period_s, self._publish_diagnostics)
-        self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._run, name='cvgl_worker', daemon=True)
-        self._worker.start()
-        model = self.localizer.model
-        fast = getattr(model, '_fast', None)
+        self._latest = [None] * len(self._topics)
+        from taco_cvgl.localizer import CVGLLocalizer   # torch: after the parameter checks
+        self.localizer = CVGLLocalizer.from_settings(p)
+        fast = getattr(self.localizer.model, '_fast', None)
         if fast is not None and fast.fallback_reason:
             self.get_logger().warning(f'fast path: fell back to {fast.backend} '
                                       f'({fast.fallback_reason})')
-        self.get_logger().info(
-            f'ready: {len(self.localizer.database)} places, model on {model.device} '
-            f'({model.precision}, fast path {self._fast_path()}), cameras {self._topics}, '
-            f'publishing {p.fix_topic}' + (f' and {p.geopose_topic}' if self._geopose_pub else '')
-            + (f' and {p.imu_topic}' if self._imu_pub else '')
-            + (f', heading prior from {self._orientation_topic} ({p.orientation_type})'
-               if self._orientation_topic else ''))
 
-    def _subscribe_orientation(self, p: NodeParams, image_qos: QoSProfile) -> str:
-        """Subscribe to orientation_topic (best effort like the images); return it resolved."""
+    def _overridable(self, create: Callable, msg_type, topic: str, *args):
+        """
+        Return create(msg_type, topic, *args), a publisher or subscription, QoS overridable.
+
+        The standard parameters qos_overrides./TOPIC.KIND.POLICY change its history, depth and
+        reliability; one that rclpy cannot apply is an InputError naming the topic. rclpy
+        writes the overrides into the QoSProfile given: give each entity its own.
+        """
+        try:
+            return create(msg_type, topic, *args,
+                          qos_overriding_options=QoSOverridingOptions.with_default_policies())
+        except QOS_ERRORS as exc:
+            if isinstance(exc, _rclpy.RCLError):  # rcl's own failure, not an override's
+                raise
+            raise InputError(f'topic {self.resolve_topic_name(topic)}: a qos_overrides '
+                             f'parameter cannot be applied: {exc}') from None
+
+    def _open_outputs(self, create_publisher: Callable) -> None:
+        """Create the publishers with create_publisher (plain or lifecycle)."""
+        p = self.params
+
+        def create(msg_type, topic):
+            publisher = self._overridable(create_publisher, msg_type, topic, 10)
+            self._outputs.append(publisher)
+            return publisher
+        self._fix_pub = create(NavSatFix, p.fix_topic)
+        self._geopose_pub = (create(self._geopose_type, p.geopose_topic)
+                             if self._geopose_type else None)
+        self._imu_pub = create(Imu, p.imu_topic) if p.imu_topic else None
+        self._diag_pub = create(DiagnosticArray, '/diagnostics')
+
+    def _close_outputs(self, destroy_publisher: Callable) -> None:
+        """Destroy the publishers with destroy_publisher (plain or lifecycle)."""
+        for publisher in self._outputs:
+            destroy_publisher(publisher)
+        self._outputs = []
+        self._fix_pub = self._geopose_pub = self._imu_pub = self._diag_pub = None
+
+    def _image_qos(self) -> QoSProfile:
+        """Return the image subscriptions' QoS as qos_reliability and qos_depth give it."""
+        p = self.params
+        return QoSProfile(depth=p.qos_depth, history=HistoryPolicy.KEEP_LAST,
+                          durability=DurabilityPolicy.VOLATILE,
+                          reliability=ReliabilityPolicy.BEST_EFFORT
+                          if p.qos_reliability == 'best_effort' else ReliabilityPolicy.RELIABLE)
+
+    def _start_receiving(self) -> None:
+        """Subscribe to the cameras (and orientation_topic), start the diagnostics timer."""
+        p = self.params
+        msg_type = CompressedImage if p.image_transport == 'compressed' else Image
+        for index, topic in enumerate(self._topics):
+            self._inputs.append(self._overridable(
+                self.create_subscription, msg_type, topic,
+                lambda msg, i=index: self._store(i, msg), self._image_qos()))
+        self._orientation_topic = self._subscribe_orientation(p)
+        with self._cond:  # the first report covers the time since now
+            self._reported = (time.monotonic(), dataclasses.replace(self._counters))
+        self._diag_timer = self.create_timer(p.diagnostics_period_s, self._publish_diagnostics)
+
+    def _stop_receiving(self) -> None:
+        """Destroy the subscriptions and the timer; forget the frames not yet taken."""
+        for subscription in self._inputs:
+            self.destroy_subscription(subscription)
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
+        self._inputs, self._diag_timer, self._orientation_topic = [], None, ''
+        with self._cond:
+            self._latest = [None] * len(self._latest)
+
+    def _subscribe_orientation(self, p: NodeParams) -> str:
+        """Subscribe to orientation_topic (qos_reliability as the images); return it resolved."""
         if not p.orientation_topic:
             return ''
         topic = self.resolve_topic_name(p.orientation_topic)   # checked by check_topics
         qos = QoSProfile(depth=ORIENTATION_QOS_DEPTH, history=HistoryPolicy.KEEP_LAST,
                          durability=DurabilityPolicy.VOLATILE,
-                         reliability=image_qos.reliability)
+                         reliability=self._image_qos().reliability)
         msg_type = Imu if p.orientation_type == 'imu' else QuaternionStamped
-        self.create_subscription(msg_type, topic, self._store_orientation, qos)
+        self._inputs.append(self._overridable(self.create_subscription, msg_type, topic,
+                                              self._store_orientation, qos))
         return topic
 
-    def _create_reset_service(self) -> None:
-        """Offer ~/reset_track where std_srvs is installed; warn and go without it elsewhere."""
+    def _start_worker(self) -> None:
+        """Start the worker thread that localizes the frames."""
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._run, name='cvgl_worker', daemon=True)
+        self._worker.start()
+
+    def _release(self) -> None:
+        """Forget the localizer (model, map) and any map or change waiting for the worker."""
+        with self._cond:
+            self.localizer = self._pending_map = None
+            if self._pending is not None:
+                self.params, self._pending = self._pending, None
+
+    def _ready_line(self, state: str = 'ready') -> str:
+        """Return the log line of a node ready to localize: map, model, topics."""
+        p, model = self.params, self.localizer.model
+        return (
+            f'{state}: {len(self.localizer.database)} places, model on {model.device} '
+            f'({model.precision}, fast path {self._fast_path()}), cameras {self._topics}, '
+            f'publishing {p.fix_topic}' + (f' and {p.geopose_topic}' if self._geopose_pub else '')
+            + (f' and {p.imu_topic}' if self._imu_pub else '')
+            + (f', heading prior from {self.resolve_topic_name(p.orientation_topic)} '
+               f'({p.orientation_type})' if p.orientation_topic else ''))
+
+    def _create_services(self) -> None:
+        """Offer ~/reset_track and ~/load_map where std_srvs is installed; else warn."""
         try:
             from std_srvs.srv import Trigger
         except ImportError:
             self.get_logger().warning(
-                'std_srvs is not installed: no ~/reset_track service (install '
+                'std_srvs is not installed: no ~/reset_track and ~/load_map services (install '
                 'ros-$ROS_DISTRO-std-srvs)')
             return
         self.create_service(Trigger, '~/reset_track', self._on_reset_track)
+        self.create_service(Trigger, '~/load_map', self._on_load_map)
 
     def _on_reset_track(self, request, response):
         """Ask the worker to forget the motion track before its next batch."""
         with self._cond:
+            if self.localizer is None:
+                response.success = False
+                response.message = 'no map loaded: configure the node first'
+                return response
             self._reset_requested = True
             self._cond.notify()
         response.success = True
         response.message = 'motion track reset: the next verified fix starts a new one'
         return response
 
+    def _on_load_map(self, request, response):
+        """Reload the map `database` names; the worker swaps it in before its next batch."""
+        with self._cond:
+            path = (self._pending or self.params).database
+        try:
+            if self.localizer is None:
+                raise InputError('no map loaded: configure the node first (it loads database)')
+            candidate = self._loaded_map(path)
+        except InputError as exc:
+            response.success, response.message = False, str(exc)
+            return response
+        self._offer_map(candidate)
+        response.success = True
+        response.message = (f'map {path} loaded ({len(candidate.database)} places): in use '
+                            f'from the next frame')
+        return response
+
+    def _loaded_map(self, path: str):
+        """
+        Return a localizer over the map at path, sharing the running one's model and settings.
+
+        Raises InputError with the reason when the file is missing, is no map, or does not
+        match the weights; the running localizer is not touched.
+        """
+        current = self.localizer
+        if not Path(path).is_file():
+            raise InputError(f'parameter database: file not found: {path}')
+        candidate = type(current)(current.model, current.config)
+        try:
+            candidate.load_map(path)
+        except MismatchError as exc:
+            raise InputError(f'parameter database: {path} does not match the weights '
+                             f'{self.params.weights}: {exc}') from None
+        except TacoError as exc:
+            raise InputError(f'parameter database: {exc}') from None
+        except Exception as exc:  # noqa: B902 - a map that breaks the loader must not end us
+            raise InputError(f'parameter database: {path} cannot be loaded: '
+                             f'{type(exc).__name__}: {exc}') from None
+        return candidate
+
+    def _offer_map(self, candidate) -> None:
+        """Hand a loaded map to the worker, which swaps it in before its next batch."""
+        with self._cond:
+            self._pending_map = candidate
+            self._cond.notify()
+
+    def _writable(self) -> Collection[str]:
+        """Return the settings read at start that a change may set now: the map."""
+        return ('database',)
+
+    def _read_only_reason(self) -> str:
+        """Return why a start setting cannot change now."""
+        return READ_ONLY
+
     def _on_set_parameters(self, parameters) -> SetParametersResult:
-        """Check a run-time change against the table; the worker applies it between batches."""
+        """
+        Check a run-time change against the table; the worker applies it between batches.
+
+        A new database is loaded here, so that a map that fails is refused with its reason.
+        Without a worker (an unconfigured lifecycle node) the values are kept for configure.
+        """
+        if not any(parameter.name in TABLE for parameter in parameters):
+            return SetParametersResult(successful=True)  # rclpy's own: qos_overrides, sim time
         with self._cond:
             base = self._pending or self.params
         try:
-            new = updated(base, parameters)
+            new = updated(base, parameters, self._writable(), self._read_only_reason())
+            check_topics(self, new)
+            new_map = (self._loaded_map(new.database) if self.localizer is not None
+                       and any(p.name == 'database' for p in parameters) else None)
         except InputError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         with self._cond:
-            self._pending = new
+            if self._worker is None:
+                self.params = new
+            else:
+                self._pending = new
+                self._pending_map = new_map or self._pending_map
             self._cond.notify()
         return SetParametersResult(successful=True)
 
     def _apply_pending(self) -> None:
         """
-        Apply checked parameter changes and a track reset (worker thread, between batches).
+        Apply a new map, checked parameter changes and a track reset (worker, between batches).
 
-        Under the lock, so that a change checked meanwhile builds on these values.
+        Under the lock, so that a change checked meanwhile builds on these values; a new map is
+        warmed up first, outside it.
         """
+        new_map = self._warmed_pending_map()
         with self._cond:
+            swapped = new_map is not None and new_map is self._pending_map
+            if swapped:
+                new_map.reconfigure(self.localizer.config)  # changes applied meanwhile
+                self.localizer, self._pending_map = new_map, None
             params, self._pending = self._pending, None
             reset, self._reset_requested = self._reset_requested, False
             if params is not None:
@@ -231,10 +419,30 @@ class CVGLNode(Node):
                 self.params = params
             if reset:
                 self.localizer.track.reset()
+        if swapped:
+            self.get_logger().info(f'map swapped: {len(new_map.database)} places from '
+                                   f'{self.params.database}')
         if params is not None:
             self.get_logger().info(f'parameters changed: {", ".join(changed) or "none"}')
         if reset:
             self.get_logger().info('motion track reset')
+
+    def _warmed_pending_map(self):
+        """Return the map waiting to be swapped in, warmed up (None: none, or it failed)."""
+        with self._cond:
+            new_map = self._pending_map
+        if new_map is None:
+            return None
+        try:
+            new_map.warm_up()   # here: the model is used by one thread only
+        except Exception as exc:  # noqa: B902 - the old map stays, the node goes on
+            with self._cond:
+                if self._pending_map is new_map:
+                    self._pending_map = None
+            self.get_logger().error(f'map not swapped: its warm-up failed: '
+                                    f'{type(exc).__name__}: {exc}')
+            return None
+        return new_map
 
     def _fast_path(self) -> str:
         """Return the inference backend in use: 'off' (eager model) or the fast path's name."""
@@ -242,11 +450,13 @@ class CVGLNode(Node):
         return 'off' if fast is None else fast.backend
 
     def stop(self) -> None:
-        """Stop the worker thread (the current batch finishes first)."""
+        """Stop the worker thread (the current batch finishes first); a no-op without one."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._worker.join(timeout=30.0)
+        if self._worker is not None:
+            self._worker.join(timeout=30.0)
+            self._worker = None
 
     # ------------------------------------------------------------------ subscriber side
     def _store(self, index: int, msg) -> None:
@@ -415,6 +625,7 @@ class CVGLNode(Node):
             'fast_path': self._fast_path(),
             'motion_track': self._motion_track(),
             'database_places': len(self.localizer.database),
+            'database': self.params.database,
             'cameras': ' '.join(self._topics),
         }
         self._diag_pub.publish(messages.diagnostic_array(
@@ -422,16 +633,50 @@ class CVGLNode(Node):
             level, '; '.join(problems) or 'localizing', values))
 
 
-def main(args=None) -> int:
-    """Run the node until SIGINT/SIGTERM; a start-up error gives one line and exit code 1."""
-    logger = rclpy.logging.get_logger(NODE_NAME)
+class CVGLNode(CVGLCore, Node):
+    """Subscribe to the cameras, localize their newest frames in batches, publish fixes."""
+
+    def __init__(self, argv: Optional[List[str]] = None, **kwargs):
+        """
+        Declare parameters, load model and database (fail fast), start the worker.
+
+        argv: the command line given to rclpy.init (None: sys.argv, as there), so that a value
+        rcl could not apply is refused rather than ignored.
+        """
+        super().__init__(NODE_NAME, **kwargs)
+        try:
+            self._start(command_line(argv, kwargs))
+        except BaseException:
+            # A half-built node left to the garbage collector is freed after rclpy's shutdown,
+            # which can crash the process (SIGSEGV) instead of the clean exit code 1.
+            self.destroy_node()
+            raise
+
+    def _start(self, argv: List[str]) -> None:
+        """Check and declare the parameters, load model and map, open the topics, start work."""
+        self._init_core(argv, {'database': MAP_NOTE})
+        self._load()
+        self._open_outputs(self.create_publisher)
+        self._start_receiving()
+        self._start_worker()
+        self.get_logger().info(self._ready_line())
+
+
+def command_line(argv: Optional[List[str]], node_kwargs: dict) -> List[str]:
+    """Return the arguments a node's values come from: rclpy.init's (sys.argv) and cli_args."""
+    return [*(sys.argv if argv is None else argv), *(node_kwargs.get('cli_args') or ())]
+
+
+def run(make_node: Callable, name: str, args=None) -> int:
+    """Run a node until SIGINT/SIGTERM; a start-up error gives one line and exit code 1."""
+    logger = rclpy.logging.get_logger(name)
     try:
         rclpy.init(args=args)  # installs SIGINT and SIGTERM handlers that shut the context down
     except _rclpy.RCLError as exc:  # e.g. a --params-file that cannot be read
         logger.error(f'error: bad ROS arguments: {exc}')
         return 1
     try:
-        node = CVGLNode(args)
+        node = make_node(args)
     except TacoError as exc:
         logger.error(f'error: {exc}')
         rclpy.try_shutdown()
@@ -442,12 +687,22 @@ def main(args=None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except _rclpy.RCLError:
+        # A signal that shuts the context down while a callback runs makes the executor's next
+        # wait set fail (rclpy checks the context only after a wait): that is a clean end too.
+        if rclpy.ok():
+            raise
     finally:
         node.stop()
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def main(args=None) -> int:
+    """Run cvgl_node (see run)."""
+    return run(CVGLNode, NODE_NAME, args)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from typing import Iterator, Sequence, Tuple
+from typing import Collection, Iterator, Mapping, Optional, Sequence, Tuple
 
 from taco_cvgl.errors import InputError
 from taco_cvgl.settings import defaults, defaults_yaml, describe_limits  # noqa: F401
@@ -248,15 +248,22 @@ def check_topics(node, params: NodeParams) -> None:
                     f'(e.g. {example[0] if isinstance(example, list) else example})') from None
 
 
-def descriptor(field: dataclasses.Field):
-    """Return the rcl_interfaces ParameterDescriptor of one NodeParams field."""
+def descriptor(field: dataclasses.Field, note: Optional[str] = None):
+    """
+    Return the rcl_interfaces ParameterDescriptor of one NodeParams field.
+
+    note: for a setting the table reads at start but the node changes itself (see declare),
+    what a change does; the parameter is then writable.
+    """
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
     meta = field.metadata
     limits = describe_limits(field)
-    limits += ('; ' if limits else '') + (RUNTIME_NOTE.strip() if meta['runtime'] else READ_ONLY)
+    writable = meta['runtime'] or note is not None
+    limits += ('; ' if limits else '') + (
+        note if note is not None else RUNTIME_NOTE.strip() if meta['runtime'] else READ_ONLY)
     desc = ParameterDescriptor(name=field.name, description=meta['description'],
-                               additional_constraints=limits, read_only=not meta['runtime'])
+                               additional_constraints=limits, read_only=not writable)
     item = field.default[0] if isinstance(field.default, tuple) else field.default
     if meta['low'] is not None and isinstance(item, float):
         desc.floating_point_range = [FloatingPointRange(
@@ -267,13 +274,15 @@ def descriptor(field: dataclasses.Field):
     return desc
 
 
-def updated(params: NodeParams, parameters) -> NodeParams:
+def updated(params: NodeParams, parameters, writable: Collection[str] = (),
+            read_only: str = READ_ONLY) -> NodeParams:
     """
     Return params with rclpy Parameters set at run time applied, checked as at start.
 
     Names outside the table (use_sim_time, qos_overrides...) are left to rclpy. Raises
-    InputError naming the parameter for a setting read only at start, a value the table
-    refuses, or a combination the localizer refuses (the motion prior without rerank).
+    InputError naming the parameter for a setting read only at start (unless in `writable`:
+    ones the node applies itself; `read_only` says why the others are refused), a value the
+    table refuses, or a combination the localizer refuses (the motion prior without rerank).
     """
     from taco_cvgl.settings import localizer_config
 
@@ -283,8 +292,8 @@ def updated(params: NodeParams, parameters) -> NodeParams:
         field = fields.get(parameter.name)
         if field is None:
             continue
-        if not field.metadata['runtime']:
-            raise InputError(f'parameter {field.name}: {READ_ONLY}')
+        if not field.metadata['runtime'] and field.name not in writable:
+            raise InputError(f'parameter {field.name}: {read_only}')
         value = parameter.value
         changes[field.name] = tuple(value) if isinstance(field.default, tuple) else value
     new = dataclasses.replace(params, **changes)
@@ -292,14 +301,18 @@ def updated(params: NodeParams, parameters) -> NodeParams:
     return new
 
 
-def declare(node, argv: Sequence[str] = ()) -> NodeParams:
+def declare(node, argv: Sequence[str] = (),
+            writable: Optional[Mapping[str, str]] = None) -> NodeParams:
     """
     Declare every parameter on an rclpy node and return their validated values.
 
     argv: the command line rclpy was initialised with (and the node's cli_args), whose values
-    are checked first (check_given), as rcl may drop one unseen. Raises InputError naming the
-    parameter when a name is unknown, a value has the wrong type or is out of range, or a topic
-    name is invalid, so the node can refuse to start with one clear line.
+    are checked first (check_given), as rcl may drop one unseen. writable: {name: note} of the
+    settings read at start that this node nevertheless lets change (it applies them itself:
+    the map, or every start setting of an unconfigured lifecycle node), the note saying how.
+    Raises InputError naming the parameter when a name is unknown, a value has the wrong type
+    or is out of range, or a topic name is invalid, so the node can refuse to start with one
+    clear line.
     """
     from rclpy.exceptions import InvalidParameterTypeException, ParameterException
 
@@ -308,7 +321,8 @@ def declare(node, argv: Sequence[str] = ()) -> NodeParams:
     for field in dataclasses.fields(NodeParams):
         default = all_defaults[field.name]
         try:
-            value = node.declare_parameter(field.name, default, descriptor(field)).value
+            value = node.declare_parameter(
+                field.name, default, descriptor(field, (writable or {}).get(field.name))).value
         except InvalidParameterTypeException as exc:
             hint = _FLOAT_HINT if 'double' in _expected_kind(field.default) else ''
             raise InputError(f'parameter {field.name}: wrong type, expected the type of the '
