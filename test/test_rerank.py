@@ -5,13 +5,11 @@ import math
 from conftest import GSD_M, localizer_for, view_of
 import numpy as np
 import pytest
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError
 from taco_cvgl.geodesy import angle_difference_deg, distance_m
 from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
 from taco_cvgl.rerank import offset_to_enu, RerankConfig
-import torch
+
 
 def test_verification_finds_the_place_and_the_heading(scene, tile_map):
     tiles = tile_map[2]

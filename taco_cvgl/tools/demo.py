@@ -162,7 +162,8 @@ def train_weights(train_csv: Path, out: Path, options: DemoOptions) -> Path:
         out_dir=str(out), train_dir=str(train_csv.parent), train_csv=str(train_csv),
         pos_radius_m=STRIDE_PX * PIXEL_M / 2, neg_radius_m=FOOTPRINT_PX * PIXEL_M,
         backbone=options.backbone, backbone_weights=options.backbone_weights,
-        rotate=True, rotate_max_deg=TRAIN_ROTATION_DEG, batch_size=32, max_epochs=options.train_epochs,
+        rotate=True, rotate_max_deg=TRAIN_ROTATION_DEG, batch_size=32,
+        max_epochs=options.train_epochs,
         seed=options.seed, threshold_m=STRIDE_PX * PIXEL_M,
         validate_first=False, progress=options.progress,
         max_minutes=options.train_minutes, **training_recipe(options)))
@@ -209,8 +210,10 @@ def compass(views, seed: int):
 
 def write_flight_bag(views, path: Path, seed: int = 0) -> Path:
     """
-    Write the flight as a rosbag2 MCAP: camera images, ground-truth GPS fixes and headings,
-    and a simulated compass (sensor_msgs/Imu, orientation only, REP-145) on COMPASS_TOPIC.
+    Write the flight as a rosbag2 MCAP: images, ground truth and a simulated compass.
+
+    Camera images, ground-truth GPS fixes and headings, and the compass (sensor_msgs/Imu,
+    orientation only, REP-145) on COMPASS_TOPIC.
     """
     from taco_cvgl.bags import _header, BagWriter, typestore
     from taco_cvgl.geodesy import heading_to_enu_yaw, yaw_to_quaternion
