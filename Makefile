@@ -35,7 +35,7 @@ test: setup
 	TACO_REQUIRE_GEOGRAPHIC_MSGS=1 $(PY) -m pytest -q test
 
 bench: setup
-	$(PY) -m taco_cvgl.tools.cli bench
+	$(PY) benchmarks/bench.py
 
 lint: setup
 	$(PY) -m pytest -q test/test_lint.py

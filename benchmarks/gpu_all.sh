@@ -63,7 +63,7 @@ set +e
 echo "GPU tests exit code $?: $(tail -n 1 "$OUT/tests_gpu.log")"
 
 # Every GPU figure, with its eager fp32 baseline in the same run.
-"$PY" -m taco_cvgl.tools.cli bench "${quick[@]}" --parts gpu --sizes 224,320 \
+"$PY" benchmarks/bench.py "${quick[@]}" --parts gpu --sizes 224,320 \
     --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
 status=${PIPESTATUS[0]}
 set -e

@@ -546,7 +546,7 @@ def plan_sizes(sizes: Sequence[int], n_real: int, quick: bool) -> List[int]:
 def run(args) -> Dict:
     """Build each map, localize the frames against it, print and return the result."""
     from taco_cvgl.settings import settings
-    from taco_cvgl.tools.bench import load_average, machine_info
+    from bench_common import load_average, machine_info
     set_threads(args.threads)
     real = load_real(args.database)
     sizes = plan_sizes(args.sizes, len(real), args.quick)

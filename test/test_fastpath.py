@@ -1,12 +1,11 @@
 """
-The fast inference path, ONNX export, batched JPEG decoding and the bench, on the CPU.
+The fast inference path, ONNX export and batched JPEG decoding, on the CPU.
 
 The real ConvNeXt-Tiny at 64 px (random weights) stands in for a trained model: the checks
 compare embeddings, not what they mean. GPU-only paths (CUDA graphs, nvJPEG) have tests that
 run where CUDA is present and skip elsewhere.
 """
 
-import json
 import logging
 
 import cv2
@@ -312,51 +311,3 @@ def test_nvjpeg_decoding_is_close_to_opencv(frames, tmp_path):
     assert tensor.is_cuda
     got = tensor.permute(1, 2, 0).cpu().numpy().astype(int)
     assert np.abs(got - load_image_file(path)).mean() < 2.0
-
-
-# ------------------------------------------------------------------------------------- bench
-def test_bench_quick_writes_json_naming_the_machine(tmp_path, capsys):
-    from taco_cvgl.tools import bench, cli
-    out = tmp_path / 'bench.json'
-    assert cli.main(['bench', '--quick', '--sizes', '64', '--parts',
-                     'storage,gpu_latency,multi_camera', '--out', str(out)]) == 0
-    data = json.loads(out.read_text())
-    assert data['schema'] == bench.SCHEMA and data['quick'] is True
-    machine = data['machine']
-    for key in ('hostname', 'cpu', 'cpu_cores', 'torch', 'gpu', 'load_average'):
-        assert key in machine
-    storage = data['figures']['storage']
-    assert storage['fp16_embedding_bytes_per_entry'] == 1024
-    assert 0 < storage['exact_recall_at_1'] <= 1
-    option = storage['options']['pq128x4fs']
-    assert option['code_bytes'] == 64 and 0 < option['recall_at_1_vs_exact'] <= 1.05
-    if not CUDA:
-        assert 'no CUDA device' in data['figures']['gpu_latency']['skipped']
-        assert 'no CUDA device' in data['figures']['multi_camera']['skipped']
-    names = {row['name'] for row in data['targets']}
-    assert 'storage per image, fp16' in names and 'compressed storage' in names
-    printed = capsys.readouterr().out
-    assert '== storage' in printed and '== targets' in printed
-
-
-def test_bench_storage_with_weights_measures_the_demo_scene(tmp_path, capsys):
-    from taco_cvgl.tools import cli
-    torch.manual_seed(0)
-    weights = tmp_path / 'w.safetensors'
-    ImageRetrievalModel(ModelConfig(input_size=(32, 32))).save(weights)
-    out = tmp_path / 'bench.json'
-    assert cli.main(['bench', '--quick', '--parts', 'storage', '--weights', str(weights),
-                     '--out', str(out)]) == 0
-    storage = json.loads(out.read_text())['figures']['storage']
-    assert 'demo scene embedded by w.safetensors (32 px)' in storage['data']
-    assert storage['entries'] > 3000 and storage['queries'] == 300
-    # Even random weights find re-viewed places far above chance (1 place in thousands).
-    assert 0.05 < storage['exact_recall_at_1'] <= storage['exact_recall_at_10'] <= 1
-    option = storage['options']['pq128x4fs']
-    assert option['recall_at_1'] <= option['recall_at_10'] <= option['recall_at_50']
-
-
-def test_bench_refuses_an_unknown_part(tmp_path, capsys):
-    from taco_cvgl.tools import cli
-    assert cli.main(['bench', '--parts', 'warp_drive', '--out', str(tmp_path / 'x.json')]) == 2
-    assert 'unknown bench part' in capsys.readouterr().err

@@ -15,7 +15,10 @@ COMMANDS = {
     'evaluate': ('evaluate', 'score the localizer on a rosbag2, or retrieval on a dataset'),
     'replay': ('replay', 'play a rosbag2 into live ROS topics, optionally recording'),
     'demo': ('demo', 'run the built-in demo on real Landsat-8 imagery'),
-    'bench': ('bench', 'measure speed against the plain fp32 baseline'),
+}
+# Commands that left the package: each says where it went (scripts may still call it).
+MOVED = {
+    'bench': 'run python benchmarks/bench.py from a source checkout',
 }
 
 
@@ -51,6 +54,9 @@ def main(argv: Optional[list] = None) -> int:
         print(f'taco-cvgl {version()}')
         return 0
     command, rest = argv[0], argv[1:]
+    if command in MOVED:
+        print(f'taco-cvgl: {command} moved: {MOVED[command]}', file=sys.stderr)
+        return 2
     if command not in COMMANDS:
         print(f'taco-cvgl: unknown command {command!r}\n\n{usage()}', file=sys.stderr)
         return 2
