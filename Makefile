@@ -19,8 +19,10 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check pip==26.3
 
-$(STAMP): requirements.txt $(VENV)/bin/python
+$(STAMP): requirements.txt requirements-nodeps.txt $(VENV)/bin/python
 	$(PY) -m pip install --disable-pip-version-check --progress-bar off -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off --no-deps \
+		-r requirements-nodeps.txt
 	@touch $@
 
 # Editable install: console scripts (taco-cvgl, cvgl_node, ...) on the venv's PATH.

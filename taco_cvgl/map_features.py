@@ -4,7 +4,9 @@ The verification features of a map, stored beside its database: no images needed
 Geometric verification (taco_cvgl.rerank) matches a query's SIFT features against each
 candidate's. Extracted from the database images, those need the images on disk and time at start
 or on first use; `taco-cvgl build-db` therefore writes them once, to `<database stem>.features.npz`
-beside the database, and `make_reranker` uses that file when it is there.
+beside the database, and `make_reranker` uses that file when it is there. A learned matcher
+(RerankConfig.matcher, taco_cvgl.learned_matching) does not read it: it extracts its own
+features from the images.
 
 File format (`.npz`, uncompressed so the large arrays can be memory-mapped; no pickle):
 - `format` 'taco_cvgl.map_features/1'; `database_digest` (see `database_digest`), `detector`
@@ -356,14 +358,22 @@ def make_reranker(db, db_path, config: RerankConfig) -> Reranker:
 
     A features file beside the database (features_path) is used when there is one, and refused
     (InputError) when it does not belong to this database or these settings: a stale file is
-    not silently replaced by the images. Without one, every listed image must exist.
+    not silently replaced by the images. Without one, every listed image must exist. The file
+    holds SIFT features: a learned matcher (config.matcher, taco_cvgl.learned_matching) leaves
+    it unread and extracts its own from the images, which must then exist.
     """
     path = features_path(db_path)
-    if path.exists():
+    if path.exists() and config.matcher == 'sift':
         return Reranker(None, config, stored=load_features(path, db, db_path,
                                                            config.max_features))
     from taco_cvgl.image_codec import load_image_file
     missing = [p for p in db.image_ids if not os.path.isfile(p)]
+    if missing and config.matcher != 'sift':
+        stored = f', and {path} holds SIFT features only' if path.exists() else ''
+        raise InputError(f'rerank matcher {config.matcher} extracts its features from the '
+                         f'database images, but {len(missing)} of {len(db)} listed in {db_path} '
+                         f'are missing (e.g. {missing[0]}){stored}; restore them, or verify '
+                         f'with SIFT (rerank_matcher:=sift)')
     if missing:
         raise InputError(f'geometric re-ranking needs the database images, but '
                          f'{len(missing)} of {len(db)} listed in {db_path} are missing '
