@@ -31,7 +31,7 @@ $(VENV)/.taco-install: setup.py $(STAMP)
 	@touch $@
 
 demo: setup
-	$(PY) -m taco_cvgl.tools.cli demo
+	$(PY) -m taco_cvgl.cli.main demo
 
 test: setup
 	TACO_REQUIRE_GEOGRAPHIC_MSGS=1 $(PY) -m pytest -q test

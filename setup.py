@@ -27,7 +27,7 @@ setup(
     extras_require={'test': ['pytest']},
     entry_points={
         'console_scripts': [
-            'taco-cvgl = taco_cvgl.tools.cli:main',
+            'taco-cvgl = taco_cvgl.cli.main:main',
             'cvgl_node = taco_cvgl.ros.node:main',
             'cvgl_lifecycle_node = taco_cvgl.ros.lifecycle_node:main',
         ],

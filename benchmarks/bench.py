@@ -65,8 +65,8 @@ from bench_report import markdown_report, print_targets, targets
 import bench_search
 import bench_storage
 import bench_training
+from taco_cvgl.cli.common import reports_errors
 from taco_cvgl.errors import InputError
-from taco_cvgl.tools.common import reports_errors
 import torch
 
 # part -> (the file that measures and prints it, the keywords of its measure(options, ...)).

@@ -22,7 +22,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from taco_cvgl.config import ModelConfig
+from taco_cvgl.model.config import ModelConfig
 import torch
 
 SCHEMA = 'taco_cvgl.bench/1'      # of the JSON file bench.py writes
@@ -162,8 +162,8 @@ def sync_device(device) -> None:
 def scene_rgb() -> Optional[np.ndarray]:
     """Return the demo scene's RGB pixels when cached locally (never downloads), else None."""
     try:
-        from taco_cvgl.config import cache_dir_default
         from taco_cvgl.demo.scene import load_scene, SCENE_FILE
+        from taco_cvgl.model.config import cache_dir_default
         path = cache_dir_default() / SCENE_FILE
         if not path.is_file():
             return None
@@ -241,7 +241,7 @@ BENCH_LAYER_SCALE = 0.3
 
 def bench_model(size: int, weights: Optional[str] = None, seed: int = 0):
     """Return a CPU fp32 eval ImageRetrievalModel: random (seed) at size x size, or weights."""
-    from taco_cvgl.embedder import ImageRetrievalModel
+    from taco_cvgl.model.embedder import ImageRetrievalModel
     if weights:
         return ImageRetrievalModel.load(weights, device='cpu', precision='fp32')
     torch.manual_seed(seed)
@@ -273,7 +273,7 @@ class PlainEager:
     def encode_batch(self, images, batch_size: int = 32, color_order: str = 'rgb',
                      keep_on_device: bool = False) -> torch.Tensor:
         """Embed images like the model's encode_batch."""
-        from taco_cvgl.preprocess import prepare_batch
+        from taco_cvgl.model.preprocess import prepare_batch
         out = []
         for start in range(0, len(images), batch_size):
             batch = prepare_batch(images[start:start + batch_size], self.config, self.device,
@@ -299,7 +299,7 @@ def reset_compiled() -> None:
 
 def fast_cpu_precision() -> str:
     """Return the precision the CPU fast path should use here: bf16 where the CPU has it."""
-    from taco_cvgl.fastpath import cpu_has_bf16
+    from taco_cvgl.inference.fastpath import cpu_has_bf16
     return 'bf16' if cpu_has_bf16() else 'fp32'
 
 
@@ -310,7 +310,7 @@ def synthetic_database(model, n: int, seed: int = 0, spacing_m: float = 30.0):
 
     `model` needs only `config` and a fingerprint (`_fingerprint_at_load` or `fingerprint()`).
     """
-    from taco_cvgl.database import EmbeddingDatabase
+    from taco_cvgl.mapdb.database import EmbeddingDatabase
     rng = np.random.default_rng(seed)
     dim = model.config.embedding_dim
     emb = np.empty((n, dim), np.float32)
@@ -367,7 +367,7 @@ def retrieval_set(n: int, queries: int, dim: int = 512, seed: int = 0,
 # ------------------------------------------------------------------------------ output
 def write_json(path: Path, data: dict) -> None:
     """Write a result as JSON, atomically (a reader never finds half a file)."""
-    from taco_cvgl.atomic import atomic_path
+    from taco_cvgl.files.atomic import atomic_path
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + '\n')
 

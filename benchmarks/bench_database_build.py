@@ -47,9 +47,9 @@ def write_jpegs(folder: Path, count: int, shape=FRAME_SHAPE, quality: int = 90) 
 
 def measure(options: BenchOptions, gpu: bool) -> dict:
     """JPEG files -> embeddings: the product's build path vs the fast one, images/s."""
-    from taco_cvgl.database import build_database, ImageRecord
-    from taco_cvgl.fastpath import FastEmbedder
-    from taco_cvgl.gpu_decode import embed_image_files, gpu_decode_status
+    from taco_cvgl.inference.fastpath import FastEmbedder
+    from taco_cvgl.inference.gpu_decode import embed_image_files, gpu_decode_status
+    from taco_cvgl.mapdb.database import build_database, ImageRecord
     device = 'cuda' if gpu else 'cpu'
     count = (512 if options.quick else 4096) if gpu else (8 if options.quick else 32)
     model = bench_model(options.sizes[0], options.weights)

@@ -41,7 +41,7 @@ def reference_embeddings(encoder, images: TestImages) -> dict:
 
 def equal_accuracy(acc: dict) -> bool:
     """Return True when a backend meets the bench's 'equal accuracy' bar."""
-    from taco_cvgl.fastpath import MIN_COSINE
+    from taco_cvgl.inference.fastpath import MIN_COSINE
     return bool(acc.get('min_cosine', 0) >= MIN_COSINE and acc.get('top1_identical'))
 
 
@@ -60,7 +60,7 @@ def _latency_variants(model, device: str, gpu: bool, with_compile: bool, cache_d
 
 def _all_latency_variants(model, device: str, gpu: bool, with_compile: bool, cache_dir,
                           calibration=None):
-    from taco_cvgl.fastpath import FastEmbedder
+    from taco_cvgl.inference.fastpath import FastEmbedder
     yield 'eager_fp32', lambda: PlainEager(model, device)
     if gpu:
         yield 'eager_fp16', lambda: runtime_copy(model, device, 'fp16')

@@ -22,8 +22,8 @@ from bench_pipeline import image_message, make_localizer, navsat_builder
 
 def measure(options: BenchOptions) -> dict:
     """4 cameras at 30 Hz feeding the node's newest-frame slots; count dropped frames."""
-    from taco_cvgl.fastpath import FastEmbedder
-    from taco_cvgl.image_codec import decode_msg
+    from taco_cvgl.files.image_codec import decode_msg
+    from taco_cvgl.inference.fastpath import FastEmbedder
     reason = gpu_reason()
     if reason and not options.multi_camera_on_cpu:
         return {'skipped': reason}

@@ -11,7 +11,7 @@ from bench_common import bench_model, BenchOptions
 
 def measure(options: BenchOptions) -> dict:
     """Export the embedder to ONNX and compare its embeddings with the model's."""
-    from taco_cvgl.onnx_export import export_onnx
+    from taco_cvgl.inference.onnx_export import export_onnx
     size = options.sizes[0]
     model = bench_model(size, options.weights)
     with tempfile.TemporaryDirectory() as tmp:

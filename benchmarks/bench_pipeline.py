@@ -24,7 +24,7 @@ import torch
 
 def image_message(rgb: np.ndarray):
     """Return a sensor_msgs/Image-like object (bgr8) of an RGB frame: ROS message if available."""
-    from taco_cvgl.image_codec import encode_raw
+    from taco_cvgl.files.image_codec import encode_raw
     encoding, height, width, step, data = encode_raw(rgb, 'bgr8')
     try:
         from sensor_msgs.msg import Image
@@ -56,7 +56,7 @@ def make_localizer(model, encoder, db_path: Path, index: str = 'exact'):
     The localizer calls model.encode_batch; a FastEmbedder offers the same call, so it stands
     in for the model (the product wires it through ImageRetrievalModel.to_runtime).
     """
-    from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
+    from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
     localizer = CVGLLocalizer(model, LocalizerConfig(top_k=10, index=index))
     localizer.model = encoder
     localizer.load_map(db_path)
@@ -65,8 +65,8 @@ def make_localizer(model, encoder, db_path: Path, index: str = 'exact'):
 
 def measure(options: BenchOptions, gpu: bool) -> dict:
     """Time image message -> Measurement (-> NavSatFix): p50/p99 latency, eager vs fast."""
-    from taco_cvgl.fastpath import FastEmbedder
-    from taco_cvgl.image_codec import decode_msg
+    from taco_cvgl.files.image_codec import decode_msg
+    from taco_cvgl.inference.fastpath import FastEmbedder
     device = 'cuda' if gpu else 'cpu'
     size = options.sizes[0]
     n_frames = (50 if options.quick else 300) if gpu else (5 if options.quick else 20)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 def measure(options: BenchOptions, gpu: bool) -> dict:
     """Top-10 latency over N entries: exact torch vs faiss indexes (CPU) or fp16 (GPU)."""
-    from taco_cvgl.search import ExactIndex
+    from taco_cvgl.mapdb.search import ExactIndex
     if gpu:
         sizes = [1_000_000] if options.quick else [1_000_000, 10_000_000]
     else:
@@ -89,7 +89,7 @@ def measure(options: BenchOptions, gpu: bool) -> dict:
 
 def _gpu_random_search(n: int, queries: int, dim: int = 512) -> dict:
     """Time exact fp16 top-10 over n random unit vectors made on the GPU (no host copy)."""
-    from taco_cvgl.search import ExactIndex
+    from taco_cvgl.mapdb.search import ExactIndex
     index = ExactIndex(np.zeros((1, dim), np.float32), 'cuda')
     matrix = torch.empty((n, dim), dtype=torch.float16, device='cuda')
     generator = torch.Generator(device='cuda').manual_seed(0)

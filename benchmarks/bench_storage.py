@@ -19,8 +19,8 @@ from typing import Optional
 from bench_common import (BenchOptions, fast_cpu_precision, load_average, re_view,
                           retrieval_set, synthetic_database)
 import numpy as np
-from taco_cvgl.config import ModelConfig
 from taco_cvgl.errors import InputError
+from taco_cvgl.model.config import ModelConfig
 
 
 def _serialized_bytes(index) -> int:
@@ -67,7 +67,7 @@ def build_faiss(kind: str, data: np.ndarray, sample: np.ndarray):
 
 
 class FaissSearch:
-    """A faiss index behind the search() call of taco_cvgl.search's indexes."""
+    """A faiss index behind the search() call of taco_cvgl.mapdb.search's indexes."""
 
     def __init__(self, index, nprobe: Optional[int] = None):
         """Wrap an index; nprobe sets how many inverted lists a query visits."""
@@ -93,7 +93,7 @@ def scene_retrieval_set(weights: Path, quick: bool, place_px: int = 96, seed: in
     stride of it, the counterpart of the usual 25 m threshold.
     """
     from taco_cvgl.demo.scene import load_scene
-    from taco_cvgl.embedder import ImageRetrievalModel
+    from taco_cvgl.model.embedder import ImageRetrievalModel
     model = ImageRetrievalModel.load(weights, device='cpu', precision=fast_cpu_precision())
     scene = load_scene()
     stride = place_px // (4 if quick else 8)
@@ -130,7 +130,7 @@ def scene_retrieval_set(weights: Path, quick: bool, place_px: int = 96, seed: in
 
 def measure(options: BenchOptions) -> dict:
     """Bytes per database entry, and the compressed options' Recall@1 vs exact search."""
-    from taco_cvgl.search import ExactIndex
+    from taco_cvgl.mapdb.search import ExactIndex
     if options.weights:
         data, q, hits, text = scene_retrieval_set(options.weights, options.quick)
     else:

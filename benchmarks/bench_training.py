@@ -12,13 +12,13 @@ import gc
 
 from bench_common import BenchOptions, load_average, print_variants, time_calls
 import numpy as np
-from taco_cvgl.config import ModelConfig
+from taco_cvgl.model.config import ModelConfig
 import torch
 
 
 def measure(options: BenchOptions, gpu: bool) -> dict:
     """Training step throughput (forward, loss, backward, AdamW): fp32 vs bf16 + channels_last."""
-    from taco_cvgl.embedder import ImageRetrievalModel
+    from taco_cvgl.model.embedder import ImageRetrievalModel
     from taco_cvgl.training.losses import RetrievalLoss
     device = torch.device('cuda' if gpu else 'cpu')
     size = 224 if gpu else 64

@@ -34,7 +34,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     "$py" -m taco_cvgl.demo.scene --fetch >/dev/null
     "$py" - <<'PY'
 import shutil
-from taco_cvgl.config import cache_dir_default
+from taco_cvgl.model.config import cache_dir_default
 from taco_cvgl.demo.scene import SCENE_FILE
 shutil.copy2(cache_dir_default() / SCENE_FILE, '.bench_cache/' + SCENE_FILE)
 PY

@@ -37,7 +37,7 @@ mkdir -p "$WORK"
 import sys
 from pathlib import Path
 from taco_cvgl.demo.scene import load_scene, split_regions
-from taco_cvgl.tools.demo import FOOTPRINT_PX, make_training_set, middle_rows
+from taco_cvgl.cli.demo import FOOTPRINT_PX, make_training_set, middle_rows
 out, views, seed, fraction = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 scene = load_scene()
 train_region, _ = split_regions(scene, 0.6, gap_px=FOOTPRINT_PX)
@@ -45,7 +45,7 @@ csv_path = make_training_set(scene, middle_rows(train_region, fraction), out, vi
 print(f'training set: {sum(1 for _ in open(csv_path)) - 1} images in {out}')
 PY
 
-cmd=("$PY" -m taco_cvgl.tools.cli train --out "$WORK/run" --train-dir "$WORK/data"
+cmd=("$PY" -m taco_cvgl.cli.main train --out "$WORK/run" --train-dir "$WORK/data"
      --train-csv "$WORK/data/train.csv" --pos-radius-m 720 --neg-radius-m 2880
      --input-size "$SIZE" --normalization per_image --backbone-weights none --rotate
      --batch-size "$BATCH" --max-epochs 1000 --max-minutes "$MINUTES" --lr 1e-3
@@ -55,7 +55,7 @@ cmd=("$PY" -m taco_cvgl.tools.cli train --out "$WORK/run" --train-dir "$WORK/dat
     echo "# $(date -u +%FT%TZ) on $(hostname)"
     "$PY" -c 'import torch; print("# torch", torch.__version__, "gpu",
               torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
-    echo "# data: taco_cvgl.tools.demo.make_training_set(scene, west 60 % (middle $FRACTION" \
+    echo "# data: taco_cvgl.cli.demo.make_training_set(scene, west 60 % (middle $FRACTION" \
          "of rows), views_per_place=$VIEWS, seed=$SEED) on the Landsat-8 scene of the demo"
     echo "${cmd[*]}"
 } > "$OUT/train_command.txt"

@@ -9,7 +9,7 @@ unless --params-file says otherwise), and splits each frame's time into
   search    the index's search (exact, or an approximate faiss index)
   verify    the reranker's query_features + verify: SIFT on the query, SIFT on each candidate
             not yet in the feature cache (a tile image read and described), matching, RANSAC
-  estimate  taco_cvgl.localizer.estimate_pose
+  estimate  taco_cvgl.localization.localizer.estimate_pose
   other     the rest of localize(): preprocessing, ranking, the motion prior
 The stages are timed (wall clock, and the process's CPU time) by wrapping those callables of the
 loaded localizer at run time; no library code changes. All maps are loaded at once and each frame
@@ -56,8 +56,8 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from taco_cvgl.cli.common import reports_errors
 from taco_cvgl.errors import InputError
-from taco_cvgl.tools.common import reports_errors
 
 SCHEMA = 'taco_cvgl.map_scaling/1'
 STAGES = ('embed', 'search', 'verify', 'estimate')
@@ -86,7 +86,7 @@ def spread(total: int, count: int) -> List[int]:
 
 def bag_frames(bag: Path, topic: str, count: int) -> List[Frame]:
     """Return `count` frames of a bag's image topic, evenly spread over it."""
-    from taco_cvgl.bags import iter_images
+    from taco_cvgl.files.bags import iter_images
     stream = iter_images(bag, topic)
     wanted = set(spread(stream.message_count, count))
     frames = []
@@ -98,8 +98,8 @@ def bag_frames(bag: Path, topic: str, count: int) -> List[Frame]:
 
 def folder_frames(folder: Path, count: int) -> List[Frame]:
     """Return `count` image files of a folder (sorted by name), evenly spread over it."""
-    from taco_cvgl.database import iter_image_files
-    from taco_cvgl.image_codec import load_image_file
+    from taco_cvgl.files.image_codec import load_image_file
+    from taco_cvgl.mapdb.database import iter_image_files
     files = list(iter_image_files(folder))
     return [Frame(str(files[i]), None, load_image_file(files[i]))
             for i in spread(len(files), count)]
@@ -187,7 +187,7 @@ def other_tiles(sources: np.ndarray, n_real: int, rng: np.random.Generator) -> n
 
 def build_map(real, size: int, path: Path, kind: str, cosine: float, seed: int) -> Path:
     """Write the real database plus size - len(real) distractors to `path`."""
-    from taco_cvgl.database import EmbeddingDatabase
+    from taco_cvgl.mapdb.database import EmbeddingDatabase
     n_real, extra = len(real), size - len(real)
     rng = np.random.default_rng(seed)
     emb, sources = distractor_embeddings(real.embeddings, extra, kind, cosine, rng)
@@ -263,7 +263,7 @@ class StageClock:
 
     def attach(self, localizer) -> None:
         """Wrap the localizer's model, index, reranker and (once) the estimator it calls."""
-        import taco_cvgl.localizer as module
+        import taco_cvgl.localization.localizer as module
         model, index, reranker = localizer.model, localizer.index, localizer.reranker
         self._patch(model, 'encode_batch', self._timed('embed', model.encode_batch))
         self._patch(index, 'search', self._timed('search', index.search))
@@ -368,7 +368,7 @@ def memory_per_entry(index, size: int, dim: int) -> Dict[str, Optional[float]]:
 
 def whole_map_config(params, size: int):
     """Return the settings' LocalizerConfig with every entry an acquisition candidate."""
-    from taco_cvgl.settings import localizer_config
+    from taco_cvgl.localization.settings import localizer_config
     config = localizer_config(params)
     rerank = dataclasses.replace(config.rerank, acquisition_candidates=size)
     return dataclasses.replace(config, rerank=rerank, prior_radius_m=0.0)
@@ -398,7 +398,7 @@ class MapRun:
 
 def load_map_run(params, size: int, warm_up: Frame) -> MapRun:
     """Load the localizer the settings describe and localize one untimed frame."""
-    from taco_cvgl.localizer import CVGLLocalizer
+    from taco_cvgl.localization.localizer import CVGLLocalizer
     start = time.perf_counter()
     localizer = CVGLLocalizer.from_settings(params)
     load_s = time.perf_counter() - start
@@ -501,7 +501,7 @@ def target_check(runs: List[Dict]) -> Optional[Dict]:
 def write_json(path: Path, data: Dict) -> None:
     """Write the result as JSON (atomically)."""
     import json
-    from taco_cvgl.atomic import atomic_path
+    from taco_cvgl.files.atomic import atomic_path
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=str) + '\n')
@@ -523,7 +523,7 @@ def set_threads(threads: Optional[int]) -> None:
 
 def load_real(database: Path):
     """Load the real map and check that re-ranking can read its tile images."""
-    from taco_cvgl.database import EmbeddingDatabase
+    from taco_cvgl.mapdb.database import EmbeddingDatabase
     real = EmbeddingDatabase.load(database)
     missing = [p for p in real.image_ids if not Path(p).is_file()]
     if missing:
@@ -545,7 +545,7 @@ def plan_sizes(sizes: Sequence[int], n_real: int, quick: bool) -> List[int]:
 
 def run(args) -> Dict:
     """Build each map, localize the frames against it, print and return the result."""
-    from taco_cvgl.settings import settings
+    from taco_cvgl.localization.settings import settings
     from bench_common import load_average, machine_info
     set_threads(args.threads)
     real = load_real(args.database)

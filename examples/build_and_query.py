@@ -11,10 +11,10 @@ from pathlib import Path
 import sys
 import tempfile
 
-from taco_cvgl.database import build_database, read_csv
-from taco_cvgl.embedder import ImageRetrievalModel
-from taco_cvgl.image_codec import load_image_file
-from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.files.image_codec import load_image_file
+from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.mapdb.database import build_database, read_csv
+from taco_cvgl.model.embedder import ImageRetrievalModel
 
 
 def main(weights, images_dir, csv_path, queries):

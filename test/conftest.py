@@ -7,12 +7,12 @@ import types
 import cv2
 import numpy as np
 import pytest
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import build_database, read_csv
 from taco_cvgl.demo.scene import Box, make_tiles, write_tiles
 from taco_cvgl.demo.views import Appearance, render_view
-from taco_cvgl.embedder import ImageRetrievalModel
-from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.mapdb.database import build_database, read_csv
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
 import torch
 
 # Camera-sized crops (height, width) cut from the scene for the map and the node tests.
@@ -72,7 +72,7 @@ def small_map(scene, tmp_path_factory):
             cv2.imwrite(str(images_dir / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
             writer.writerow([name, f'{float(lat):.8f}', f'{float(lon):.8f}', '0'])
             places.append((rgb, float(lat), float(lon)))
-    from taco_cvgl.tools.build_db import build_db
+    from taco_cvgl.cli.build_db import build_db
     db = root / 'map.npz'
     build_db(db, weights, images=images_dir, csv=images_dir / 'places.csv', device='cpu',
              precision='fp32', progress=False)

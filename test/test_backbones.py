@@ -6,13 +6,13 @@ import matplotlib
 import numpy as np
 from PIL import Image
 import pytest
-from taco_cvgl import backbones
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import EmbeddingDatabase
-from taco_cvgl.embedder import ImageRetrievalModel
+from taco_cvgl.cli.localize import main as localize_main
 from taco_cvgl.errors import InputError
-from taco_cvgl.preprocess import normalize
-from taco_cvgl.tools.localize import main as localize_main
+from taco_cvgl.mapdb.database import EmbeddingDatabase
+from taco_cvgl.model import backbones
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
+from taco_cvgl.model.preprocess import normalize
 import torch
 import torch.nn.functional as F
 

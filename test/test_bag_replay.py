@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
-from taco_cvgl import bags, image_codec
+from taco_cvgl.files import bags, image_codec
 from taco_cvgl.ros.bag_replay import BagPlayer, Recorder, replay
 from taco_cvgl.ros.spinning import BackgroundSpinner
 
@@ -191,7 +191,7 @@ def test_recorder_records_replayed_topics(tmp_path, domain_env, camera_bag, ros_
 
 def run_cli(args, env, timeout=40):
     """Run `taco-cvgl replay ARGS` in a fresh process."""
-    code = 'import sys; from taco_cvgl.tools.replay import main; sys.exit(main(sys.argv[1:]))'
+    code = 'import sys; from taco_cvgl.cli.replay import main; sys.exit(main(sys.argv[1:]))'
     return subprocess.run([sys.executable, '-c', code] + [str(a) for a in args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -1,12 +1,12 @@
-"""rosbag2 reading and writing (MCAP and sqlite3) through taco_cvgl.bags."""
+"""rosbag2 reading and writing (MCAP and sqlite3) through taco_cvgl.files.bags."""
 
 import math
 import os
 
 import numpy as np
 import pytest
-from taco_cvgl import bags, image_codec
 from taco_cvgl.errors import InputError
+from taco_cvgl.files import bags, image_codec
 
 T0 = 1_700_000_000_000_000_000  # ns since the epoch (November 2023)
 SECOND = 1_000_000_000

@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 import pytest
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.embedder import ImageRetrievalModel
-from taco_cvgl.tools import cli
+from taco_cvgl.cli import main as cli
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

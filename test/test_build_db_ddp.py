@@ -7,14 +7,14 @@ import time
 
 import numpy as np
 import pytest
-from taco_cvgl.database import EmbeddingDatabase
+from taco_cvgl.cli.build_db import build_db, main
 from taco_cvgl.errors import InputError
-from taco_cvgl.tools.build_db import build_db, main
+from taco_cvgl.mapdb.database import EmbeddingDatabase
 import torch
 
 
 def taco(*args):
-    return subprocess.run([sys.executable, '-m', 'taco_cvgl.tools.cli', *map(str, args)],
+    return subprocess.run([sys.executable, '-m', 'taco_cvgl.cli.main', *map(str, args)],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -5,16 +5,16 @@ import math
 
 import numpy as np
 import pytest
-from taco_cvgl.calibration import (CONFIDENCE_META_KEY, ConfidenceModel, COVARIANCE_META_KEY,
-                                   CovarianceModel, fit_confidence, fit_covariance,
-                                   fit_single_scale, FixFeatures, models_from_meta)
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.errors import InputError
-from taco_cvgl.evaluation import (average_precision, calibration_summary, FrameResult,
-                                  GAUSSIAN_2D_WITHIN_3SIGMA, summarize)
-from taco_cvgl.geodesy import from_enu
-from taco_cvgl.rerank import Verification
+from taco_cvgl.evaluation.scoring import (average_precision, calibration_summary, FrameResult,
+                                          GAUSSIAN_2D_WITHIN_3SIGMA, summarize)
+from taco_cvgl.geo.geodesy import from_enu
+from taco_cvgl.localization.rerank import Verification
+from taco_cvgl.mapdb.calibration import (CONFIDENCE_META_KEY, ConfidenceModel, COVARIANCE_META_KEY,
+                                         CovarianceModel, fit_confidence, fit_covariance,
+                                         fit_single_scale, FixFeatures, models_from_meta)
+from taco_cvgl.mapdb.database import EmbeddingDatabase
+from taco_cvgl.model.config import ModelConfig
 
 # Known coefficients of the synthetic flights, on [1, log inliers, log residual (px),
 # offset (px) / 100] for the sigma ...

@@ -6,12 +6,12 @@ import sys
 
 import numpy as np
 import pytest
-from taco_cvgl.database import EmbeddingDatabase
-from taco_cvgl.geodesy import distance_m
+from taco_cvgl.geo.geodesy import distance_m
+from taco_cvgl.mapdb.database import EmbeddingDatabase
 
 
 def taco(*args, cwd=None):
-    return subprocess.run([sys.executable, '-m', 'taco_cvgl.tools.cli', *map(str, args)],
+    return subprocess.run([sys.executable, '-m', 'taco_cvgl.cli.main', *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
@@ -69,7 +69,7 @@ def test_text_output_and_user_errors(small_map, tmp_path):
 
 
 def test_build_db_from_a_bag(small_map, tmp_path):
-    from taco_cvgl.bags import BagWriter
+    from taco_cvgl.files.bags import BagWriter
     bag = tmp_path / 'drive'
     with BagWriter(bag, storage='sqlite3') as writer:
         for i, (rgb, lat, lon) in enumerate(small_map.places[:4]):

@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 import pytest
-from taco_cvgl.tools import build_db, cli, evaluate, train
-from taco_cvgl.tools.common import settings_from_args
+from taco_cvgl.cli import build_db, evaluate, main as cli, train
+from taco_cvgl.cli.common import settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # One interpreter asks every command for --help and checks, after each, that torch stayed out.
 HELP_WITHOUT_TORCH = """
 import contextlib, io, sys
-from taco_cvgl.tools import cli
+from taco_cvgl.cli import main as cli
 for command in sys.argv[1:]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -6,14 +6,14 @@ import os
 import numpy as np
 from PIL import Image
 import pytest
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import (build_database, EmbeddingDatabase, read_csv, records_from_exif,
-                                typical_spacing_m)
-from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError, MismatchError
-from taco_cvgl.exif import GpsTag, read_gps, write_gps
-from taco_cvgl.geodesy import from_enu
-from taco_cvgl.localizer import CVGLLocalizer
+from taco_cvgl.geo.exif import GpsTag, read_gps, write_gps
+from taco_cvgl.geo.geodesy import from_enu
+from taco_cvgl.localization.localizer import CVGLLocalizer
+from taco_cvgl.mapdb.database import (build_database, EmbeddingDatabase, read_csv,
+                                      records_from_exif, typical_spacing_m)
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
 import torch
 
 

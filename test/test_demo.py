@@ -6,17 +6,17 @@ import sys
 
 import numpy as np
 import pytest
-from taco_cvgl.bags import list_topics, read_navsat
-from taco_cvgl.database import EmbeddingDatabase
-from taco_cvgl.geodesy import angle_difference_deg
-from taco_cvgl.tools.evaluate import read_headings
+from taco_cvgl.cli.evaluate import read_headings
+from taco_cvgl.files.bags import list_topics, read_navsat
+from taco_cvgl.geo.geodesy import angle_difference_deg
+from taco_cvgl.mapdb.database import EmbeddingDatabase
 
 
 @pytest.mark.slow
 def test_demo_pipeline_reduced(tmp_path):
     out = tmp_path / 'demo'
     run = subprocess.run(
-        [sys.executable, '-m', 'taco_cvgl.tools.cli', 'demo', '--out', str(out),
+        [sys.executable, '-m', 'taco_cvgl.cli.main', 'demo', '--out', str(out),
          '--region-fraction', '0.25', '--train-minutes', '0.25', '--train-epochs', '1',
          '--views-per-place', '1', '--frames', '10', '--calibration-frames', '12', '--rate', '5',
          '--no-progress'], capture_output=True, text=True, timeout=900)

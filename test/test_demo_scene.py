@@ -110,7 +110,7 @@ def test_valid_pixel_filter(scene):
 
 
 def test_write_tiles_is_a_database_csv(scene, tmp_path):
-    from taco_cvgl.database import read_csv
+    from taco_cvgl.mapdb.database import read_csv
     tiles = make_tiles(scene, region=Box(600.0, 600.0, 800.0, 800.0), out_px=64)
     csv_path = write_tiles(tiles, tmp_path / 'db')
     assert csv_path.read_text().splitlines()[0] == 'image_path,latitude,longitude,heading'

@@ -3,9 +3,9 @@
 import numpy as np
 from PIL import Image
 import pytest
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.embedder import imagenet_weights_path, ImageRetrievalModel
 from taco_cvgl.errors import InputError, MismatchError, TacoError
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import imagenet_weights_path, ImageRetrievalModel
 import torch
 
 CONFIG = ModelConfig(input_size=(64, 64))

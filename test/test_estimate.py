@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 from taco_cvgl.errors import InputError
-from taco_cvgl.estimate import calibrate_scale, estimate_pose, EstimatorConfig, mahalanobis_sq
-from taco_cvgl.geodesy import from_enu, to_enu
+from taco_cvgl.geo.geodesy import from_enu, to_enu
+from taco_cvgl.localization.estimate import (calibrate_scale, estimate_pose, EstimatorConfig,
+                                             mahalanobis_sq)
 
 LAT0, LON0 = 47.3769, 8.5417  # Zurich
 

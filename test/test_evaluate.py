@@ -6,15 +6,16 @@ import math
 import numpy as np
 from PIL import Image
 import pytest
-from taco_cvgl import bags
-from taco_cvgl.database import EmbeddingDatabase
+from taco_cvgl.cli import evaluate
 from taco_cvgl.errors import InputError, MismatchError
-from taco_cvgl.estimate import EstimatorConfig
-from taco_cvgl.evaluation import (FrameResult, GAUSSIAN_2D_WITHIN_1SIGMA,
-                                  GAUSSIAN_2D_WITHIN_2SIGMA, interpolate_headings, summarize)
-from taco_cvgl.geodesy import distance_m, from_enu, heading_to_enu_yaw, yaw_to_quaternion
-from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
-from taco_cvgl.tools import evaluate
+from taco_cvgl.evaluation.scoring import (FrameResult, GAUSSIAN_2D_WITHIN_1SIGMA,
+                                          GAUSSIAN_2D_WITHIN_2SIGMA, interpolate_headings,
+                                          summarize)
+from taco_cvgl.files import bags
+from taco_cvgl.geo.geodesy import distance_m, from_enu, heading_to_enu_yaw, yaw_to_quaternion
+from taco_cvgl.localization.estimate import EstimatorConfig
+from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.mapdb.database import EmbeddingDatabase
 
 T0 = 1_700_000_000_000_000_000  # ns since the epoch
 SECOND = 1_000_000_000
@@ -440,7 +441,7 @@ def test_summary_counts_verified_places_and_no_fix_reasons():
 
 
 def format_summary_of(metrics):
-    from taco_cvgl.tools.evaluate import format_summary
+    from taco_cvgl.cli.evaluate import format_summary
     return format_summary({**metrics, 'complete': True})
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import subprocess
 import sys
 
-from taco_cvgl.database import EmbeddingDatabase
-from taco_cvgl.geodesy import distance_m
+from taco_cvgl.geo.geodesy import distance_m
+from taco_cvgl.mapdb.database import EmbeddingDatabase
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 from PIL import Image
 import pytest
-from taco_cvgl import fastpath, gpu_decode, onnx_export
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError, MismatchError
-from taco_cvgl.image_codec import load_image_file
-from taco_cvgl.preprocess import prepare_batch
+from taco_cvgl.files.image_codec import load_image_file
+from taco_cvgl.inference import fastpath, gpu_decode, onnx_export
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
+from taco_cvgl.model.preprocess import prepare_batch
 import torch
 import torch.nn.functional as F
 
@@ -132,7 +132,7 @@ def test_int8_backend_calibrated_on_map_images_keeps_the_embeddings(scene, frame
 
 
 def test_int8_without_calibration_falls_back_and_says_why(model, caplog):
-    with caplog.at_level(logging.WARNING, logger='taco_cvgl.fastpath'):
+    with caplog.at_level(logging.WARNING, logger='taco_cvgl.inference.fastpath'):
         fast = fastpath.optimize(model, 'int8')
     assert fast.backend == 'jit' and 'calibration images' in fast.fallback_reason
     assert 'calibration images' in caplog.text
@@ -152,7 +152,7 @@ def test_uint8_resize_stays_within_one_grey_level(frames):
 
 def test_forced_failure_falls_back_to_eager_with_a_warning(model, frames, caplog):
     places, _ = frames
-    with caplog.at_level(logging.WARNING, logger='taco_cvgl.fastpath'):
+    with caplog.at_level(logging.WARNING, logger='taco_cvgl.inference.fastpath'):
         fast = fastpath.optimize(model, 'onnxruntime', force_failure=True, uint8_resize=False)
     assert fast.backend == 'eager'
     assert 'onnxruntime' in fast.fallback_reason and 'forced' in fast.fallback_reason

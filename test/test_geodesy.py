@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from taco_cvgl import geodesy
+from taco_cvgl.geo import geodesy
 
 
 def dms(d, m, s):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from taco_cvgl.demo.views import Appearance, render_view
 from taco_cvgl.errors import InputError
-from taco_cvgl.geodesy import angle_difference_deg
-from taco_cvgl.heading import (HeadingPrior, merge_rotations, north_up, quaternion_heading,
-                               rotation_agrees, tta_angles)
-from taco_cvgl.rerank import RerankConfig
+from taco_cvgl.geo.geodesy import angle_difference_deg
+from taco_cvgl.localization.heading import (HeadingPrior, merge_rotations, north_up,
+                                            quaternion_heading, rotation_agrees, tta_angles)
+from taco_cvgl.localization.rerank import RerankConfig
 
 
 def test_north_up_turns_an_east_facing_image_back_to_the_map():

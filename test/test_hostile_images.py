@@ -18,11 +18,11 @@ import cv2
 import numpy as np
 import pytest
 from sensor_msgs.msg import CompressedImage, Image
-from taco_cvgl import image_codec
 from taco_cvgl.errors import InputError
-from taco_cvgl.image_codec import OversizedImageError
-from taco_cvgl.localizer import Match, Measurement
-from taco_cvgl.settings import NodeParams
+from taco_cvgl.files import image_codec
+from taco_cvgl.files.image_codec import OversizedImageError
+from taco_cvgl.localization.localizer import Match, Measurement
+from taco_cvgl.localization.settings import NodeParams
 
 BOMB_SIDE = 20000   # 20000 x 20000 = 400 MP: 1.2 GB once decoded to RGB
 BOMB_TEXT = 'image is 20000 x 20000 = 400 MP, over the limit of 50 MP (max_image_pixels)'
@@ -85,7 +85,7 @@ def test_real_bomb_png_is_refused_from_its_header(tmp_path):
     with pytest.raises(OversizedImageError, match='20000 x 20000 = 400 MP'):
         image_codec.decode_msg(msg)
     # build-db's GPU loader reads the bytes itself (for nvJPEG): it refuses them the same way.
-    from taco_cvgl.gpu_decode import _read
+    from taco_cvgl.inference.gpu_decode import _read
     assert str(_read(str(path))) == f'image file {path}: {BOMB_TEXT}'
     # Decoding 400 MP takes seconds; reading 24 header bytes does not.
     assert time.monotonic() - started < 1.0
@@ -205,7 +205,7 @@ def strict_json(line: str):
 
 def test_localize_answers_the_good_files_around_bad_ones(small_map, tmp_path, capsys):
     """[good, bomb, over the params file's limit, unreadable path, good]: 2 answers, 3 errors."""
-    from taco_cvgl.tools.localize import main
+    from taco_cvgl.cli.localize import main
 
     params = tmp_path / 'params.yaml'
     params.write_text('/**:\n  ros__parameters:\n    max_image_pixels: 400000\n')

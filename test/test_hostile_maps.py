@@ -11,13 +11,13 @@ import zipfile
 
 import numpy as np
 import pytest
-from taco_cvgl.database import build_database, EmbeddingDatabase, read_csv
-from taco_cvgl.embedder import ImageRetrievalModel
+from taco_cvgl.cli.build_db import main as build_db_main
 from taco_cvgl.errors import InputError, TacoError
-from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
-from taco_cvgl.rerank import RerankConfig
-from taco_cvgl.search import brute_force_topk, make_index
-from taco_cvgl.tools.build_db import main as build_db_main
+from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.localization.rerank import RerankConfig
+from taco_cvgl.mapdb.database import build_database, EmbeddingDatabase, read_csv
+from taco_cvgl.mapdb.search import brute_force_topk, make_index
+from taco_cvgl.model.embedder import ImageRetrievalModel
 import torch
 
 

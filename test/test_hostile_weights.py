@@ -18,10 +18,10 @@ import zipfile
 
 import pytest
 from safetensors import safe_open
-from taco_cvgl.atomic import atomic_path
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError, MismatchError, TacoError
+from taco_cvgl.files.atomic import atomic_path
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
 import torch
 
 CONFIG = ModelConfig(input_size=(64, 64))
@@ -193,7 +193,7 @@ def _structure(path: Path, data: bytes) -> range:
 
 # ----------------------------------------------------------------------------- the commands
 def test_a_bad_weights_file_is_one_line_from_build_db(small_map, checkpoint, tmp_path, capsys):
-    from taco_cvgl.tools.build_db import main
+    from taco_cvgl.cli.build_db import main
     cut = tmp_path / 'cut.ckpt'
     cut.write_bytes(checkpoint[0].read_bytes()[:100_000])
     out = tmp_path / 'map.npz'
@@ -207,7 +207,7 @@ def test_a_bad_weights_file_is_one_line_from_build_db(small_map, checkpoint, tmp
 
 def test_resume_from_a_truncated_last_checkpoint_is_refused_untouched(checkpoint, tmp_path,
                                                                       capsys):
-    from taco_cvgl.tools.train import main
+    from taco_cvgl.cli.train import main
     out = tmp_path / 'run'
     (out / 'checkpoints').mkdir(parents=True)
     # What these options make: the defaults at 64 px.
@@ -234,8 +234,8 @@ def test_resume_from_a_truncated_last_checkpoint_is_refused_untouched(checkpoint
 # ----------------------------------------------------------------------------- interrupted
 CHILD = """
 import os, signal, sys
-from taco_cvgl.atomic import atomic_path
-from taco_cvgl.tools.common import reports_errors
+from taco_cvgl.cli.common import reports_errors
+from taco_cvgl.files.atomic import atomic_path
 signum = getattr(signal, sys.argv[2])
 if signum != signal.SIGKILL:   # Python's own defaults, whatever the parent left (nohup, &)
     signal.signal(signum, signal.default_int_handler if sys.argv[2] == 'SIGINT'
@@ -289,7 +289,7 @@ def test_a_killed_writers_file_is_removed_by_the_next_write(tmp_path):
 
 def test_signal_handlers_are_left_as_they_were(tmp_path):
     """A write never replaces a handler (rclpy's live in C); a command puts its own back."""
-    from taco_cvgl.tools.common import reports_errors
+    from taco_cvgl.cli.common import reports_errors
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

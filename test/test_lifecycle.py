@@ -29,8 +29,8 @@ from rclpy.parameter import Parameter
 from rclpy.qos import ReliabilityPolicy
 from sensor_msgs.msg import NavSatFix
 from std_srvs.srv import Trigger
-from taco_cvgl.database import EmbeddingDatabase
 from taco_cvgl.errors import InputError
+from taco_cvgl.mapdb.database import EmbeddingDatabase
 from taco_cvgl.ros.node import CVGLNode
 from test_node import (assert_at, Camera, CONFIG, diagnostics_of, Listener, log_of, new_domain,
                        process_env, raw_fields, ROOT, start_node, START_TIMEOUT_S, stop,

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from taco_cvgl.errors import InputError
-from taco_cvgl.geodesy import distance_m, from_enu
+from taco_cvgl.geo.geodesy import distance_m, from_enu
 from taco_cvgl.training.losses import (batch_hard_triplet_loss, batch_masks, info_nce_loss,
                                        multi_similarity_loss, pairwise_distance_m,
                                        RetrievalLoss, triplet_loss)

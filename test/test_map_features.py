@@ -6,16 +6,16 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import EmbeddingDatabase
+from taco_cvgl.cli.build_db import build_db, main as build_db_main
 from taco_cvgl.demo.scene import Box, make_tiles, write_tiles
 from taco_cvgl.demo.views import Appearance, render_view
-from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError
-from taco_cvgl.image_codec import load_image_file
-from taco_cvgl.map_features import features_path, load_features, make_reranker
-from taco_cvgl.rerank import Features, RerankConfig, Reranker
-from taco_cvgl.tools.build_db import build_db, main as build_db_main
+from taco_cvgl.files.image_codec import load_image_file
+from taco_cvgl.localization.rerank import Features, RerankConfig, Reranker
+from taco_cvgl.mapdb.database import EmbeddingDatabase
+from taco_cvgl.mapdb.map_features import features_path, load_features, make_reranker
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
 import torch
 
 MAX_FEATURES = 600      # fewer than the default: quicker, and a setting the file must record

@@ -11,13 +11,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from taco_cvgl.database import read_csv
+from taco_cvgl.cli.train import main
 from taco_cvgl.demo.scene import Box, make_tiles, write_tiles
 from taco_cvgl.demo.views import render_view
 from taco_cvgl.errors import InputError, MismatchError
-from taco_cvgl.geodesy import angle_difference_deg, to_enu
-from taco_cvgl.image_codec import load_image_file
-from taco_cvgl.tools.train import main
+from taco_cvgl.files.image_codec import load_image_file
+from taco_cvgl.geo.geodesy import angle_difference_deg, to_enu
+from taco_cvgl.mapdb.database import read_csv
 from taco_cvgl.training.map_views import (geotiff_map_views, tile_map_views, ViewRecipe,
                                           VIEWS_CSV)
 import tifffile
@@ -208,8 +208,8 @@ def test_map_tiles_must_be_north_up(tiles_csv, tmp_path):
 
 def test_train_on_a_map_alone_then_build_db(tiles_csv, tmp_path, capsys):
     """taco-cvgl train --simulate-views 1 on map tiles; the weights build a database."""
-    from taco_cvgl.embedder import ImageRetrievalModel
-    from taco_cvgl.tools.build_db import build_db
+    from taco_cvgl.cli.build_db import build_db
+    from taco_cvgl.model.embedder import ImageRetrievalModel
     out = tmp_path / 'run'
     argv = ['--out', str(out), '--train-dir', str(tiles_csv.parent), '--train-csv',
             str(tiles_csv), '--simulate-views', '1'] + FAST

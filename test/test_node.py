@@ -33,11 +33,11 @@ import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import NavSatFix, NavSatStatus
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.embedder import ImageRetrievalModel
-from taco_cvgl.geodesy import distance_m
-from taco_cvgl.image_codec import encode_compressed, encode_raw
-from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.files.image_codec import encode_compressed, encode_raw
+from taco_cvgl.geo.geodesy import distance_m
+from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
 from taco_cvgl.ros import params as node_params
 from taco_cvgl.ros.messages import UNKNOWN_ANGLE_VARIANCE
 

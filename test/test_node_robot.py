@@ -23,12 +23,12 @@ from rclpy.qos import qos_profile_sensor_data
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Imu, NavSatFix, NavSatStatus
 from std_srvs.srv import Trigger
-from taco_cvgl import bags
-from taco_cvgl.localizer import Measurement
+from taco_cvgl.cli import replay
+from taco_cvgl.files import bags
+from taco_cvgl.localization.localizer import Measurement
 from taco_cvgl.ros import messages
 from taco_cvgl.ros.messages import UNKNOWN_ANGLE_VARIANCE
 from taco_cvgl.ros.spinning import BackgroundSpinner
-from taco_cvgl.tools import replay
 from test_node import (diagnostics_of, Listener, log_of, new_domain, process_env,
                        start_node, START_TIMEOUT_S, stop, with_stamp)
 

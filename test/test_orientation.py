@@ -17,13 +17,14 @@ from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Imu, NavSatFix
-from taco_cvgl import bags
-from taco_cvgl.geodesy import angle_difference_deg
-from taco_cvgl.heading import HeadingPrior
-from taco_cvgl.image_codec import encode_compressed
-from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
-from taco_cvgl.orientation import imu_prior, message_prior, OrientationBuffer, quaternion_prior
-from taco_cvgl.tools import evaluate, localize
+from taco_cvgl.cli import evaluate, localize
+from taco_cvgl.files import bags
+from taco_cvgl.files.image_codec import encode_compressed
+from taco_cvgl.geo.geodesy import angle_difference_deg
+from taco_cvgl.localization.heading import HeadingPrior
+from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.localization.orientation import (imu_prior, message_prior, OrientationBuffer,
+                                                quaternion_prior)
 from test_node import (diagnostics_of, Listener, log_of, new_domain, process_env, start_node,
                        START_TIMEOUT_S, stop, with_stamp)
 

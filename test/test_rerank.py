@@ -6,9 +6,9 @@ from conftest import GSD_M, localizer_for, view_of
 import numpy as np
 import pytest
 from taco_cvgl.errors import InputError
-from taco_cvgl.geodesy import angle_difference_deg, distance_m
-from taco_cvgl.localizer import CVGLLocalizer, LocalizerConfig
-from taco_cvgl.rerank import offset_to_enu, RerankConfig
+from taco_cvgl.geo.geodesy import angle_difference_deg, distance_m
+from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
+from taco_cvgl.localization.rerank import offset_to_enu, RerankConfig
 
 
 def test_verification_finds_the_place_and_the_heading(scene, tile_map):
@@ -160,7 +160,7 @@ def test_prior_needs_reranking_and_missing_map_images_are_named(tile_map, tmp_pa
     with pytest.raises(InputError, match='re-ranking'):
         LocalizerConfig(prior_radius_m=100.0)
     model, db_path, _ = tile_map
-    from taco_cvgl.database import EmbeddingDatabase
+    from taco_cvgl.mapdb.database import EmbeddingDatabase
     db = EmbeddingDatabase.load(db_path)
     db.image_ids = np.array([str(tmp_path / 'gone.jpg')] * len(db))
     db.save(tmp_path / 'moved.npz')
@@ -171,8 +171,8 @@ def test_prior_needs_reranking_and_missing_map_images_are_named(tile_map, tmp_pa
 
 def test_a_map_with_calibrated_models_sets_the_covariance_and_the_confidence(
         scene, tile_map, tmp_path):
-    from taco_cvgl.calibration import ConfidenceModel, CovarianceModel
-    from taco_cvgl.database import EmbeddingDatabase
+    from taco_cvgl.mapdb.calibration import ConfidenceModel, CovarianceModel
+    from taco_cvgl.mapdb.database import EmbeddingDatabase
     model, db_path, tiles = tile_map
     db = EmbeddingDatabase.load(db_path)
     # sigma = gsd * exp(log 2 - 0.5 log n) = 2 gsd / sqrt(n); P = 1 / (1 + e^(3 - log n)).

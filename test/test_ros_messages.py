@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import NavSatFix, NavSatStatus
-from taco_cvgl.localizer import Measurement
+from taco_cvgl.localization.localizer import Measurement
 from taco_cvgl.ros import messages
 
 STAMP = Time(sec=1_700_000_000, nanosec=123_456_789)

@@ -4,7 +4,8 @@ import faiss
 import numpy as np
 import pytest
 from taco_cvgl.errors import InputError
-from taco_cvgl.search import brute_force_topk, ExactIndex, FaissIndex, make_index, recall_at_k
+from taco_cvgl.mapdb.search import (brute_force_topk, ExactIndex, FaissIndex, make_index,
+                                    recall_at_k)
 
 
 def unit_rows(n, d, seed):

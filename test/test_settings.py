@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import rclpy
 from rclpy.node import Node
-from taco_cvgl import settings
+from taco_cvgl.cli.evaluate import build_parser
 from taco_cvgl.errors import InputError
+from taco_cvgl.localization import settings
 from taco_cvgl.ros.params import declare
-from taco_cvgl.tools.evaluate import build_parser
 
 # A params file that changes settings of every kind: int, float, bool, string, arrays.
 CUSTOM = """\
@@ -55,7 +55,7 @@ def test_node_and_evaluate_read_the_shipped_params_file_alike(tmp_path):
     from test_params import CONFIG
     args = build_parser().parse_args(['--bag', 'b', '--gt-topic', '/gps', '--out', 'o',
                                       '--params-file', str(CONFIG)])
-    from taco_cvgl.tools.common import settings_from_args
+    from taco_cvgl.cli.common import settings_from_args
     cli = settings_from_args(args, None, None)
     node = _node_settings(CONFIG)
     assert cli == node == settings.NodeParams()
@@ -64,7 +64,7 @@ def test_node_and_evaluate_read_the_shipped_params_file_alike(tmp_path):
 
 
 def test_a_custom_params_file_gives_equal_settings_and_flags_override_it(tmp_path):
-    from taco_cvgl.tools.common import settings_from_args
+    from taco_cvgl.cli.common import settings_from_args
     path = tmp_path / 'custom.yaml'
     path.write_text(CUSTOM)
     node = _node_settings(path)
@@ -121,7 +121,7 @@ def test_the_default_configuration_withholds_the_fix_for_an_unrelated_place(
     cv2.imwrite(str(query), cv2.cvtColor(_unrelated_place(scene, small_map.places),
                                          cv2.COLOR_RGB2BGR))
     own = small_map.images_dir / 'place_02.png'
-    run = subprocess.run([sys.executable, '-m', 'taco_cvgl.tools.cli', 'localize', '--db',
+    run = subprocess.run([sys.executable, '-m', 'taco_cvgl.cli.main', 'localize', '--db',
                           str(small_map.db), '--weights', str(small_map.weights), '--json',
                           '--device', 'cpu', str(query), str(own)],
                          capture_output=True, text=True, timeout=300)
@@ -134,7 +134,7 @@ def test_the_default_configuration_withholds_the_fix_for_an_unrelated_place(
 
 
 def test_settings_written_as_a_params_file_read_back_equal(tmp_path):
-    from taco_cvgl.tools.demo import demo_settings
+    from taco_cvgl.cli.demo import demo_settings
     demo = demo_settings('w.safetensors', 'm.npz')
     path = tmp_path / 'demo.yaml'
     path.write_text(settings.defaults_yaml(demo))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from taco_cvgl.errors import InputError
-from taco_cvgl.tracking import ConstantVelocityTrack, TrackConfig
+from taco_cvgl.localization.tracking import ConstantVelocityTrack, TrackConfig
 
 FIX_COV = np.eye(2) * 10.0 ** 2   # a verified fix: 10 m, 1 sigma
 

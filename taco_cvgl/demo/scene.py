@@ -24,9 +24,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 from pyproj import Transformer
-from taco_cvgl.atomic import atomic_path
 from taco_cvgl.demo.fetch import fetch_scene, SCENE_FILE  # noqa: F401 (part of this API)
 from taco_cvgl.errors import InputError
+from taco_cvgl.files.atomic import atomic_path
 import tifffile
 
 SCENE_EPSG = 32621          # WGS 84 / UTM zone 21N (negative northings: south of the equator)

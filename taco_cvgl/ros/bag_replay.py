@@ -23,8 +23,8 @@ from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data, QoSProfile,
                        ReliabilityPolicy)
-from taco_cvgl import bags
 from taco_cvgl.errors import InputError
+from taco_cvgl.files import bags
 
 # Reliable publishers keep this many messages per topic for late acknowledgements, so that a
 # subscriber falling briefly behind during a fast replay loses nothing (payloads are allocated
@@ -264,7 +264,7 @@ class Recorder:
 
     ``topics`` maps topic names to message types ('sensor_msgs/msg/NavSatFix'). Subscriptions are
     raw, so messages are written exactly as received. The bag appears at ``out_path`` on
-    ``close()`` (see :class:`taco_cvgl.bags.BagWriter`). ``qos`` 'reliable' (default) matches
+    ``close()`` (see :class:`taco_cvgl.files.bags.BagWriter`). ``qos`` 'reliable' (default) matches
     reliable publishers only and loses nothing; 'best_effort' matches any publisher but may
     drop messages (large images over shared memory in particular).
     """

@@ -35,8 +35,8 @@ from typing import Callable, Collection, List, Optional
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from taco_cvgl.errors import TacoError
+from taco_cvgl.localization.settings import NodeParams
 from taco_cvgl.ros.node import command_line, CVGLCore, MAP_NOTE, NODE_NAME, run
-from taco_cvgl.settings import NodeParams
 
 CONFIGURE_NOTE = 'read at configure: changeable while the node is unconfigured'
 CONFIGURED = 'read at configure: clean the node up (unconfigured) to change it'

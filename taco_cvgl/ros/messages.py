@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Tuple
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
 from sensor_msgs.msg import Imu, NavSatFix, NavSatStatus
-from taco_cvgl.geodesy import heading_to_enu_yaw, yaw_to_quaternion
+from taco_cvgl.geo.geodesy import heading_to_enu_yaw, yaw_to_quaternion
 
 # Variance (rad^2) of an angle the node does not observe: far beyond (2 pi)^2, so any filter
 # fusing the message gives the angle no weight.

@@ -10,13 +10,13 @@ orientation-only sensor_msgs/Imu of the heading), plus diagnostic_msgs/Diagnosti
 /diagnostics.
 
 With orientation_topic set, the robot's orientation (sensor_msgs/Imu or
-geometry_msgs/QuaternionStamped, see taco_cvgl.orientation) is kept by stamp and each image gets
-the heading prior nearest its own stamp (within orientation_max_age_s). A frame without one (no
+geometry_msgs/QuaternionStamped, see localization/orientation.py) is kept by stamp and each image
+gets the heading prior nearest its own stamp (within orientation_max_age_s). A frame without one (no
 message yet, none near its time, only messages without a usable heading) is localized without a
 prior, never dropped; /diagnostics counts both kinds of frame and the refused messages.
 
 Thresholds, verification and track settings change at run time (`ros2 param set`; the table in
-taco_cvgl/settings.py marks them): the callback checks a change and the worker applies it
+localization/settings.py marks them): the callback checks a change and the worker applies it
 between batches, as it does `~/reset_track` (std_srvs/Trigger), which forgets the motion track
 (after the robot was carried elsewhere).
 
@@ -66,11 +66,11 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.qos_overriding_options import InvalidQosOverridesError, QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image, Imu, NavSatFix
 from taco_cvgl.errors import InputError, MismatchError, TacoError
-from taco_cvgl.image_codec import decode_msg, OversizedImageError
-from taco_cvgl.orientation import message_prior, OrientationBuffer
+from taco_cvgl.files.image_codec import decode_msg, OversizedImageError
+from taco_cvgl.localization.orientation import message_prior, OrientationBuffer
+from taco_cvgl.localization.settings import localizer_config, NodeParams
 from taco_cvgl.ros import messages
 from taco_cvgl.ros.params import check_topics, declare, READ_ONLY, updated
-from taco_cvgl.settings import localizer_config, NodeParams
 
 NODE_NAME = 'cvgl_node'
 WARN_THROTTLE_S = 5.0  # at most one warning of a kind per this many seconds
@@ -178,7 +178,7 @@ class CVGLCore:
         self._topics = [self.resolve_topic_name(t) + ('/compressed' if compressed else '')
                         for t in p.image_topics]
         self._latest = [None] * len(self._topics)
-        from taco_cvgl.localizer import CVGLLocalizer   # torch: after the parameter checks
+        from taco_cvgl.localization.localizer import CVGLLocalizer  # torch: after checks
         self.localizer = CVGLLocalizer.from_settings(p)
         fast = getattr(self.localizer.model, '_fast', None)
         if fast is not None and fast.fallback_reason:

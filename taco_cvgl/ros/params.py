@@ -1,5 +1,5 @@
 """
-cvgl_node's parameters on an rclpy node: the settings table of `taco_cvgl.settings`, declared.
+cvgl_node's parameters on an rclpy node: the table of `localization.settings`, declared.
 
 `declare(node, argv)` declares every setting as a parameter (with a ParameterDescriptor holding
 its description and range) and returns the validated `NodeParams`; the settings the table marks
@@ -23,8 +23,8 @@ import re
 from typing import Collection, Iterator, Mapping, Optional, Sequence, Tuple
 
 from taco_cvgl.errors import InputError
-from taco_cvgl.settings import defaults, defaults_yaml, describe_limits  # noqa: F401
-from taco_cvgl.settings import NodeParams, RUNTIME_NOTE
+from taco_cvgl.localization.settings import defaults, defaults_yaml, describe_limits  # noqa: F401
+from taco_cvgl.localization.settings import NodeParams, RUNTIME_NOTE
 import yaml
 
 _BOOL_WORDS = {word for stem in ('y', 'yes', 'true', 'on', 'n', 'no', 'false', 'off')
@@ -284,7 +284,7 @@ def updated(params: NodeParams, parameters, writable: Collection[str] = (),
     ones the node applies itself; `read_only` says why the others are refused), a value the
     table refuses, or a combination the localizer refuses (the motion prior without rerank).
     """
-    from taco_cvgl.settings import localizer_config
+    from taco_cvgl.localization.settings import localizer_config
 
     fields = {field.name: field for field in dataclasses.fields(NodeParams)}
     changes = {}

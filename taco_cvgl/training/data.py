@@ -5,9 +5,9 @@ Triplet file (CSV, optional header): `anchor,positive,negative,place_label`, ima
 to the data folder. Anchor and positive show the same place; the negative another place; images
 with the same place_label show the same place (used for in-batch mining where GPS is unknown).
 
-Database CSV: `image_path,latitude,longitude[,heading][,altitude]` (see taco_cvgl.database).
+Database CSV: `image_path,latitude,longitude[,heading][,altitude]` (see taco_cvgl.mapdb.database).
 
-Every image enters the network through taco_cvgl.preprocess: validation images through the very
+Every image enters the network through model.preprocess: validation images through the very
 `prepare_batch` the node uses; training images are augmented at the model's input size and then
 pass through the same `normalize`.
 """
@@ -24,13 +24,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import lightning as L
 import numpy as np
-from taco_cvgl.atomic import atomic_path
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import ImageRecord
 from taco_cvgl.errors import InputError
-from taco_cvgl.geodesy import angle_difference_deg, to_enu
-from taco_cvgl.image_codec import load_image_file
-from taco_cvgl.preprocess import image_to_tensor, normalize, prepare_batch, resize
+from taco_cvgl.files.atomic import atomic_path
+from taco_cvgl.files.image_codec import load_image_file
+from taco_cvgl.geo.geodesy import angle_difference_deg, to_enu
+from taco_cvgl.mapdb.database import ImageRecord
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.preprocess import image_to_tensor, normalize, prepare_batch, resize
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
@@ -237,7 +237,7 @@ def make_triplets(csv_path, out, pos_radius_m: float = 25.0, neg_radius_m: float
 
     images_dir defaults to the CSV's folder, as for `read_csv`. Returns a summary with the path.
     """
-    from taco_cvgl.database import read_csv
+    from taco_cvgl.mapdb.database import read_csv
     base = Path(images_dir) if images_dir else Path(csv_path).parent
     records = read_csv(csv_path, base)
     triplets, summary = generate_triplets(records, pos_radius_m, neg_radius_m,
@@ -465,7 +465,7 @@ class ImageDatabaseDataset(Dataset):
     @classmethod
     def from_csv(cls, csv_path, config: ModelConfig, images_dir=None) -> 'ImageDatabaseDataset':
         """Read the database CSV (errors name the file and line)."""
-        from taco_cvgl.database import read_csv
+        from taco_cvgl.mapdb.database import read_csv
         return cls(read_csv(csv_path, images_dir), config)
 
     def __len__(self) -> int:

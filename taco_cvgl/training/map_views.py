@@ -15,7 +15,7 @@ strength 1) run over the ground around its tile, then turned north-up by its tru
 Training adds the turns a prior leaves (`--rotate --rotate-max-deg 22.5`).
 
 The ground around a tile: from a GeoTIFF, the file itself. From tiles, a mosaic in a local
-north-up frame centred on the tile (azimuthal equidistant, the ENU of taco_cvgl.geodesy): the
+north-up frame centred on the tile (azimuthal equidistant, the ENU of taco_cvgl.geo.geodesy): the
 tile and every tile whose ground a view can reach, pasted at their offsets (geodesic, from the
 centres, over the ground sampling distance, to the nearest pixel). Ground no tile covers is the
 tile mirrored at its edges; the `real` column of views.csv gives each view's fraction of real
@@ -44,14 +44,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 from pyproj import CRS
-from taco_cvgl.atomic import atomic_path, sha256_of
-from taco_cvgl.database import ImageRecord, read_csv
 from taco_cvgl.demo.scene import load_scene, make_tiles, Scene, write_tiles
 from taco_cvgl.demo.views import random_view, view_radius_px
 from taco_cvgl.errors import InputError, MismatchError
-from taco_cvgl.geodesy import angle_difference_deg, to_enu
-from taco_cvgl.heading import north_up
-from taco_cvgl.image_codec import load_image_file
+from taco_cvgl.files.atomic import atomic_path, sha256_of
+from taco_cvgl.files.image_codec import load_image_file
+from taco_cvgl.geo.geodesy import angle_difference_deg, to_enu
+from taco_cvgl.localization.heading import north_up
+from taco_cvgl.mapdb.database import ImageRecord, read_csv
 from taco_cvgl.training.data import pairs_within, records_enu
 
 VIEWS_CSV = 'views.csv'
@@ -164,7 +164,7 @@ def local_scene(rgb: np.ndarray, valid: np.ndarray, latitude: float, longitude: 
     Return an image as a north-up `Scene` whose pixel centre_px lies at (latitude, longitude).
 
     Its CRS is the azimuthal equidistant projection about that point: scene pixels are east and
-    north metres over gsd_m exactly as taco_cvgl.geodesy.to_enu measures them, and grid north is
+    north metres over gsd_m exactly as geo.geodesy.to_enu measures them, and grid north is
     true north at the centre.
     """
     crs = CRS.from_proj4(f'+proj=aeqd +lat_0={latitude!r} +lon_0={longitude!r} +datum=WGS84 '

@@ -16,16 +16,16 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins import TorchCheckpointIO
 import numpy as np
-from taco_cvgl.atomic import atomic_path
-from taco_cvgl.backbones import backbone_stages, batchnorms
-from taco_cvgl.config import ModelConfig
-from taco_cvgl.database import ImageRecord
-from taco_cvgl.embedder import ImageRetrievalModel
 from taco_cvgl.errors import InputError, TacoError
+from taco_cvgl.evaluation.recall import recall_at_k, top1_errors_m
+from taco_cvgl.files.atomic import atomic_path
+from taco_cvgl.mapdb.database import ImageRecord
+from taco_cvgl.model.backbones import backbone_stages, batchnorms
+from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.embedder import ImageRetrievalModel
 from taco_cvgl.training.data import (ImageDatabaseDataset, mine_hard_negatives, records_enu,
                                      TripletDataset, write_triplets)
 from taco_cvgl.training.losses import RetrievalLoss
-from taco_cvgl.training.metrics import recall_at_k, top1_errors_m
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -217,7 +217,7 @@ class RetrievalModule(L.LightningModule):
         dataset = getattr(loader, 'dataset', None)
         if not hasattr(experiment, 'add_image') or not isinstance(dataset, ImageDatabaseDataset):
             return
-        from taco_cvgl.training.metrics import hits_within
+        from taco_cvgl.evaluation.recall import hits_within
         from torchvision.utils import make_grid
         n = min(int(self.hparams.grid_queries), len(queries))
         if n == 0:

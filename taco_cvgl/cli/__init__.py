@@ -1,0 +1,1 @@
+"""The taco-cvgl command line: argparse and one call into the stages for each command."""

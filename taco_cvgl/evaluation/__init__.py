@@ -1,0 +1,1 @@
+"""Scoring against ground truth: Recall@k, fix precision, coverage, reports and plots."""

@@ -1,0 +1,1 @@
+"""Image -> fix: retrieval, heading prior, verification, estimate, track, settings."""

@@ -1,0 +1,1 @@
+"""The map: database, verification features, calibration, search indexes, building in shards."""

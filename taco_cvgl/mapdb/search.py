@@ -1,0 +1,227 @@
+"""
+Top-k cosine search over L2-normalised embeddings: exact (torch) or approximate (faiss).
+
+Exact search is a matrix product and a top-k on the GPU (fp16) or CPU (fp32), in chunks so the
+similarity matrix never exceeds a few hundred MB. For databases of millions on a CPU, a faiss
+HNSW graph or IVF-PQ index answers in milliseconds; IVF-PQ also stores each vector in `pq_bytes`.
+Building one takes minutes for millions of entries, so `make_index` keeps it in a file beside the
+database (`cache_prefix`) and reuses it while the embeddings and the index options are the same.
+Its sidecar `<file>.json` records the embeddings' key and the file's size and sha256: a cache
+that does not match them, or that faiss cannot read, is built again (with a warning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+from taco_cvgl.errors import InputError
+from taco_cvgl.files.atomic import atomic_path, sha256_of
+import torch
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ('auto', 'exact', 'hnsw', 'ivfpq')
+# 'auto' switches to an approximate index above this many entries on the CPU.
+AUTO_APPROXIMATE_ABOVE = 200_000
+
+
+class ExactIndex:
+    """Brute-force inner-product top-k with torch, on a device."""
+
+    # Largest queries x entries block of similarities computed at once (entries).
+    max_block = 64_000_000
+
+    def __init__(self, embeddings: np.ndarray, device: str = 'cpu'):
+        """Hold the database matrix on `device` (fp16 on CUDA, fp32 on CPU)."""
+        self.device = torch.device(device)
+        dtype = torch.float16 if self.device.type == 'cuda' else torch.float32
+        self.matrix = torch.from_numpy(np.ascontiguousarray(embeddings)).to(self.device, dtype)
+
+    def __len__(self) -> int:
+        """Return the number of database entries."""
+        return self.matrix.shape[0]
+
+    @torch.inference_mode()
+    def search(self, queries, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Return (indices QxK int64, similarities QxK float32)."""
+        q = torch.as_tensor(queries).to(self.device, self.matrix.dtype)
+        q = q.reshape(-1, self.matrix.shape[1])
+        k = min(int(k), len(self))
+        chunk = max(1, self.max_block // max(1, q.shape[0]))
+        best_val, best_idx = None, None
+        for start in range(0, len(self), chunk):
+            sim = q @ self.matrix[start:start + chunk].T
+            val, idx = torch.topk(sim, min(k, sim.shape[1]), dim=1)
+            idx = idx + start
+            if best_val is not None:
+                val = torch.cat([best_val, val], dim=1)
+                idx = torch.cat([best_idx, idx], dim=1)
+                val, order = torch.topk(val, k, dim=1)
+                idx = torch.gather(idx, 1, order)
+            best_val, best_idx = val, idx
+        return best_idx.cpu().numpy().astype(np.int64), best_val.float().cpu().numpy()
+
+
+class FaissIndex:
+    """Approximate inner-product search with faiss (HNSW, or OPQ + IVF-PQ), on the CPU."""
+
+    loaded_from: Optional[Path] = None   # the file the index was read from, if it was
+
+    def __init__(self, embeddings: np.ndarray, kind: str = 'hnsw', pq_bytes: int = 64,
+                 nprobe: int = 16, ef_search: int = 128, seed: int = 0,
+                 cache_prefix: Optional[str] = None):
+        """
+        Build the index; IVF-PQ trains its quantisers on (a sample of) the embeddings.
+
+        With cache_prefix, the index is read from CACHE_PREFIX.KIND.faiss when that file was
+        built from the same embeddings with the same options, and written there otherwise (a
+        cache that cannot be read or written is skipped with a warning, never an error).
+        """
+        import faiss
+        options = {'kind': kind, 'pq_bytes': pq_bytes, 'nprobe': nprobe, 'opq': kind == 'ivfpq',
+                   'ef_search': ef_search, 'seed': seed, 'faiss': faiss.__version__}
+        cache = key = None
+        if cache_prefix is not None:
+            cache = Path(f'{cache_prefix}.{kind}.faiss')
+            key = _content_key(embeddings, options)
+            index = _read_cached(cache, key)
+            if index is not None:
+                self.index, self.kind, self.loaded_from = index, kind, cache
+                return
+        data = np.ascontiguousarray(embeddings, dtype=np.float32)
+        n, dim = data.shape
+        if kind == 'hnsw':
+            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            index.hnsw.efSearch = ef_search
+        elif kind == 'ivfpq':
+            if dim % pq_bytes:
+                raise InputError(f'ivfpq: embedding dim {dim} is not divisible by pq_bytes '
+                                 f'{pq_bytes}')
+            nlist = int(max(1, min(4 * math.sqrt(n), n // 39)))
+            if n < 256 * 39:
+                raise InputError(f'ivfpq needs at least {256 * 39} entries to train, got {n}; '
+                                 f"use 'exact' or 'hnsw'")
+            # A learned rotation (OPQ) before the codes: on the demo scene's embeddings it
+            # raised the share of exact Recall@1 kept from 31 % to 58 % at 64 B, on the bench's
+            # synthetic set from 66 % to 70 % (docs/PERFORMANCE.md). Training it costs about
+            # two minutes on two cores, once: the index is cached beside the database.
+            index = faiss.index_factory(dim, f'OPQ{pq_bytes},IVF{nlist},PQ{pq_bytes}',
+                                        faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(seed)
+            sample = data[rng.choice(n, size=min(n, 100_000), replace=False)]
+            index.train(sample)
+            faiss.extract_index_ivf(index).nprobe = nprobe
+        else:
+            raise InputError(f"faiss index kind must be 'hnsw' or 'ivfpq', got {kind!r}")
+        index.add(data)
+        self.index = index
+        self.kind = kind
+        if cache is not None:
+            _write_cached(cache, key, index)
+
+    def __len__(self) -> int:
+        """Return the number of database entries."""
+        return self.index.ntotal
+
+    def search(self, queries, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Return (indices QxK int64, similarities QxK float32)."""
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy()
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(
+            -1, self.index.d))
+        sim, idx = self.index.search(q, min(int(k), len(self)))
+        return idx.astype(np.int64), sim.astype(np.float32)
+
+
+def _content_key(embeddings: np.ndarray, options: dict) -> str:
+    """Return a digest of the embeddings' bytes and the index options."""
+    digest = hashlib.blake2b(digest_size=16)
+    data = np.ascontiguousarray(embeddings)
+    digest.update(json.dumps([list(data.shape), str(data.dtype), options],
+                             sort_keys=True).encode())
+    digest.update(memoryview(data).cast('B'))
+    return digest.hexdigest()
+
+
+def _read_cached(path: Path, key: str):
+    """
+    Return the faiss index stored at path for this key, or None.
+
+    The file must have the size and sha256 its sidecar recorded when it was written: faiss
+    trusts the lengths inside the file, and a damaged one makes it allocate without bound or
+    fail deep inside. Anything else is a warning and a rebuild.
+    """
+    import faiss
+    sidecar = path.with_name(path.name + '.json')
+    try:
+        if not path.is_file():
+            return None
+        record = json.loads(sidecar.read_text())
+        if not isinstance(record, dict) or record.get('key') != key:
+            return None
+        if record.get('size') != path.stat().st_size or record.get('sha256') != sha256_of(path):
+            log.warning('search index cache %s unreadable (its size or sha256 is not the one '
+                        'recorded in %s: damaged, or kept by an older version): building the '
+                        'index again', path, sidecar.name)
+            return None
+        return faiss.read_index(str(path))
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        log.warning('search index cache %s unreadable (%s): building the index again', path, exc)
+        return None
+
+
+def _write_cached(path: Path, key: str, index) -> None:
+    """Store the index, and its key, size and digest, beside the database; warn if that fails."""
+    import faiss
+    sidecar = path.with_name(path.name + '.json')
+    try:
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))
+            record = {'key': key, 'entries': int(index.ntotal), 'size': tmp.stat().st_size,
+                      'sha256': sha256_of(tmp)}
+        with atomic_path(sidecar) as tmp:
+            tmp.write_text(json.dumps(record))
+    except (OSError, RuntimeError) as exc:
+        log.warning('could not keep the search index in %s (%s): it is built again at the next '
+                    'start', path, exc)
+
+
+def make_index(embeddings: np.ndarray, kind: str = 'auto', device: str = 'cpu',
+               **options) -> object:
+    """
+    Return a search index over `embeddings` of the given kind (see INDEX_KINDS).
+
+    options go to FaissIndex (pq_bytes, nprobe, ef_search, seed, cache_prefix); the exact
+    index needs none and ignores cache_prefix.
+    """
+    if kind not in INDEX_KINDS:
+        raise InputError(f'index kind must be one of {INDEX_KINDS}, got {kind!r}')
+    if len(embeddings) == 0:
+        raise InputError('cannot search an empty database')
+    if kind == 'auto':
+        big = len(embeddings) > AUTO_APPROXIMATE_ABOVE and not device.startswith('cuda')
+        kind = 'hnsw' if big else 'exact'
+    if kind == 'exact':
+        return ExactIndex(embeddings, device)
+    return FaissIndex(embeddings, kind, **options)
+
+
+def brute_force_topk(queries: np.ndarray, embeddings: np.ndarray, k: int,
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """Return the exact top-k by numpy (reference for tests; ties broken by lower index)."""
+    sim = np.asarray(queries, np.float64) @ np.asarray(embeddings, np.float64).T
+    order = np.argsort(-sim, axis=1, kind='stable')[:, :k]
+    return order, np.take_along_axis(sim, order, axis=1)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: Optional[int] = None) -> float:
+    """Return the share of rows whose exact top-1 appears in the first k found indices."""
+    k = found.shape[1] if k is None else k
+    return float(np.mean([truth[i, 0] in found[i, :k] for i in range(len(found))]))

@@ -1,0 +1,1 @@
+"""The embedder network: ModelConfig, backbones, pooling and head, one preprocessing."""
