@@ -7,7 +7,7 @@ from pathlib import Path
 import sys
 from typing import Optional
 
-# command -> module under taco_cvgl.tools (imported only when used: torch loads slowly)
+# command -> module under taco_cvgl.cli (imported only when used: torch loads slowly)
 COMMANDS = {
     'build-db': ('build_db', 'embed GPS-tagged images into a database'),
     'localize': ('localize', 'estimate the GPS position of image files'),
@@ -60,7 +60,7 @@ def main(argv: Optional[list] = None) -> int:
     if command not in COMMANDS:
         print(f'taco-cvgl: unknown command {command!r}\n\n{usage()}', file=sys.stderr)
         return 2
-    module = importlib.import_module(f'taco_cvgl.tools.{COMMANDS[command][0]}')
+    module = importlib.import_module(f'taco_cvgl.cli.{COMMANDS[command][0]}')
     return module.main(rest)
 
 

@@ -5,7 +5,7 @@ Files written whole and checked whole.
 half a file; `sha256_of` digests a file in blocks, for checks of what was written or shipped.
 
 The temporary file never outlives its write: it is deleted when the write fails (in the
-`taco-cvgl` commands SIGTERM and SIGHUP raise SystemExit, see tools.common.reports_errors, so a
+`taco-cvgl` commands SIGTERM and SIGHUP raise SystemExit, see cli.common.reports_errors, so a
 stopped command cleans up too) and, where a writer was killed outright (SIGKILL, out of memory), by
 the next write of the same file. Signal handlers are not touched here: a library cannot see the
 handlers C code installed (rclpy's), and replacing them would break that code's shutdown.

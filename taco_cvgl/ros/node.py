@@ -11,9 +11,9 @@ orientation-only sensor_msgs/Imu of the heading), plus diagnostic_msgs/Diagnosti
 
 With orientation_topic set, the robot's orientation (sensor_msgs/Imu or
 geometry_msgs/QuaternionStamped, see localization/orientation.py) is kept by stamp and each image
-gets the heading prior nearest its own stamp (within orientation_max_age_s). A frame without one (no
-message yet, none near its time, only messages without a usable heading) is localized without a
-prior, never dropped; /diagnostics counts both kinds of frame and the refused messages.
+gets the heading prior nearest its own stamp (within orientation_max_age_s). A frame without one
+(no message yet, none near its time, only messages without a usable heading) is localized without
+a prior, never dropped; /diagnostics counts both kinds of frame and the refused messages.
 
 Thresholds, verification and track settings change at run time (`ros2 param set`; the table in
 localization/settings.py marks them): the callback checks a change and the worker applies it
