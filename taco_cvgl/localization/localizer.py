@@ -18,7 +18,7 @@ from taco_cvgl.localization.heading import (HeadingPrior, merge_rotations, north
 from taco_cvgl.localization.rerank import (offset_to_enu, RerankConfig, Reranker, Verification,
                                            verified_position_sigma_m)
 from taco_cvgl.localization.tracking import ConstantVelocityTrack, TrackConfig
-from taco_cvgl.mapdb.calibration import FixFeatures, models_from_meta
+from taco_cvgl.mapdb.calibration import FixFeatures, models_from_meta, unverified_confidence
 from taco_cvgl.mapdb.database import EmbeddingDatabase
 from taco_cvgl.mapdb.map_features import make_reranker
 from taco_cvgl.mapdb.search import make_index
@@ -27,6 +27,8 @@ from taco_cvgl.model.preprocess import image_to_tensor
 import torch
 
 
+# localize_batch(track=OWN_TRACK): continue the localizer's own motion track (what the node does).
+OWN_TRACK = 'own'
 # How the cameras look at the ground (see LocalizerConfig.camera_model).
 CAMERA_MODELS = ('nadir', 'forward')
 # A forward camera's map entries within about a field of view of the prior count as facing the
@@ -258,6 +260,7 @@ class CVGLLocalizer:
         self._estimator = self._scaled_estimator(db)
         try:
             self._covariance_model, self._confidence_model = models_from_meta(db.meta)
+            self._unverified_confidence = unverified_confidence(db.meta)
         except InputError as exc:
             raise InputError(f'database {path}: its calibration: {exc}') from None
         self._enu = to_enu(*self._origin, db.latitude, db.longitude)
@@ -309,28 +312,37 @@ class CVGLLocalizer:
                     self.reranker.database_features(index)
 
     def localize(self, image, timestamp: Optional[float] = None, color_order: str = 'rgb',
-                 camera_yaw_deg: float = 0.0,
-                 heading: Optional[HeadingPrior] = None) -> Measurement:
-        """Localize one image (numpy HxWx3 uint8, PIL image or tensor)."""
+                 camera_yaw_deg: float = 0.0, heading: Optional[HeadingPrior] = None,
+                 track=OWN_TRACK) -> Measurement:
+        """Localize one image (numpy HxWx3 uint8, PIL image or tensor); see localize_batch."""
         return self.localize_batch([image], [timestamp], [camera_yaw_deg], color_order,
-                                   [heading])[0]
+                                   [heading], track=track)[0]
 
     def reset_track(self) -> None:
         """Forget the motion track and the heading it remembers (the robot was moved)."""
         self.track.reset()
 
+    def new_track(self) -> ConstantVelocityTrack:
+        """Return an empty motion track under this localizer's settings (one per flight)."""
+        return ConstantVelocityTrack(self.config.track_config())
+
     def localize_batch(self, images: Sequence, timestamps: Optional[Sequence] = None,
                        camera_yaws_deg: Optional[Sequence[float]] = None,
                        color_order: str = 'rgb',
-                       headings: Optional[Sequence[Optional[HeadingPrior]]] = None
-                       ) -> List[Measurement]:
+                       headings: Optional[Sequence[Optional[HeadingPrior]]] = None,
+                       track=OWN_TRACK) -> List[Measurement]:
         """
         Localize several images (e.g. one per camera) in one batch on the device.
 
         camera_yaws_deg: each camera's mounting yaw relative to the robot's forward axis,
         counter-clockwise positive (REP-103); the returned heading is the robot's.
         headings: a HeadingPrior of the robot (or None) per image, e.g. from a compass.
+        track: the motion track these frames continue and update with their verified fixes:
+        OWN_TRACK, the localizer's own (the live node's); a track of one flight (new_track());
+        or None, each image on its own (unrelated photos): no motion or heading prior from
+        earlier frames, and nothing remembered for later ones.
         """
+        track = self.track if track is OWN_TRACK else track
         if self.database is None:
             raise TacoError('no map loaded: call load_map(path) first')
         n = len(images)
@@ -341,7 +353,7 @@ class CVGLLocalizer:
             raise InputError(f'{n} images but {len(timestamps)} timestamps, {len(yaws)} yaws '
                              f'and {len(given)} headings')
         start = time.perf_counter()
-        priors = [g if g is not None else self.track.heading_prior(
+        priors = [g if g is not None or track is None else track.heading_prior(
             t, self.config.track_heading_rate_sigma_dps) for g, t in zip(given, timestamps)]
         views, owner, view_order = self._query_views(images, color_order, priors, yaws)
         vectors = self.model.encode_batch(views, batch_size=max(1, len(views)),
@@ -354,7 +366,7 @@ class CVGLLocalizer:
         # Only a frame without a motion prediction checks the acquisition candidates: while
         # the track holds, the batch searches no deeper than it verifies (on a large
         # approximate index, hundreds of neighbours per frame cost more than the frame).
-        searched = acquiring_k if any(self._predict(t) is None for t in timestamps) \
+        searched = acquiring_k if any(self._predict(track, t) is None for t in timestamps) \
             else tracked
         all_indices, all_sims = self.index.search(vectors, searched)
         out = []
@@ -363,7 +375,7 @@ class CVGLLocalizer:
             top = self.config.top_k
             rows = [v for v, frame in enumerate(owner) if frame == i]
             queries = vectors[rows]
-            prediction = self._predict(timestamps[i])
+            prediction = self._predict(track, timestamps[i])
             found, found_sims = self._merged(all_indices[rows], all_sims[rows], searched)
             if self.reranker is not None and prediction is None and searched < acquiring_k:
                 # The track was lost within this batch: search this frame again, deeper.
@@ -392,25 +404,27 @@ class CVGLLocalizer:
                 candidates = np.concatenate([candidates, extra]).astype(np.int64)
                 cand_sims = np.concatenate(
                     [cand_sims, [similarity[j] for j in extra]]).astype(np.float32)
-            measurement = self._measure(candidates, cand_sims, timestamps[i], yaws[i],
-                                        verification, prediction)
-            measurement.retrieval = [int(j) for j in found[:top]]
-            measurement.checked = len(checked) if self.reranker is not None else 0
-            measurement.heading_source = prior.source if prior is not None else \
-                ('tta' if len(rows) > 1 else '')
-            if measurement.fix and measurement.verified:
-                if self.config.prior_radius_m > 0:
-                    self.track.update(timestamps[i], to_enu(
-                        *self._origin, measurement.latitude, measurement.longitude),
-                        measurement.position_covariance[:2, :2])
-                self.track.remember_heading(timestamps[i], measurement.heading,
-                                            math.degrees(math.sqrt(
-                                                measurement.heading_variance)))
+            measurement = self._measure(
+                candidates, cand_sims, timestamps[i], yaws[i], verification, prediction,
+                retrieval=[int(j) for j in found[:top]],
+                checked=len(checked) if self.reranker is not None else 0,
+                heading_source=prior.source if prior is not None else
+                ('tta' if len(rows) > 1 else ''))
+            if track is not None and measurement.fix and measurement.verified:
+                self._continue(track, measurement)
             out.append(measurement)
         latency = (time.perf_counter() - start) / max(1, n)
-        for measurement in out:
-            measurement.latency_s = latency
-        return out
+        return [dataclasses.replace(m, latency_s=latency) for m in out]
+
+    def _continue(self, track: ConstantVelocityTrack, measurement: Measurement) -> None:
+        """Feed a verified fix to the track: its position (motion prior on) and its heading."""
+        stamp = measurement.timestamp
+        if self.config.prior_radius_m > 0:
+            track.update(stamp, to_enu(*self._origin, measurement.latitude,
+                                       measurement.longitude),
+                         measurement.position_covariance[:2, :2])
+        track.remember_heading(stamp, measurement.heading,
+                               math.degrees(math.sqrt(measurement.heading_variance)))
 
     @staticmethod
     def _rgb(image, color_order: str) -> np.ndarray:
@@ -479,11 +493,11 @@ class CVGLLocalizer:
             return rotation_agrees(rotation_deg, expected, prior.sigma_deg, gate)
         return accept
 
-    def _predict(self, timestamp):
+    def _predict(self, track: Optional[ConstantVelocityTrack], timestamp):
         """Return the track's (position, covariance) at this time, or None (no prior)."""
-        if self.config.prior_radius_m <= 0 or self.reranker is None:
+        if track is None or self.config.prior_radius_m <= 0 or self.reranker is None:
             return None
-        return self.track.predict(timestamp)
+        return track.predict(timestamp)
 
     def _prior(self, queries, checked: Sequence[int], prediction):
         """
@@ -530,7 +544,13 @@ class CVGLLocalizer:
         matches[:] = [matches[j] for j in order]
 
     def _measure(self, idx: np.ndarray, sim: np.ndarray, timestamp, yaw: float,
-                 verification: Optional[Verification], prediction=None) -> Measurement:
+                 verification: Optional[Verification], prediction=None,
+                 **record) -> Measurement:
+        """
+        Return the frame's Measurement: the retrieval estimate, or the verified one.
+
+        record: the frame's retrieval, checked and heading_source, stored as they come.
+        """
         db = self.database
         pose = estimate_pose(db.latitude[idx], db.longitude[idx], db.altitude[idx],
                              db.heading[idx], sim, db.grid_spacing_m, self._estimator,
@@ -538,65 +558,77 @@ class CVGLLocalizer:
         matches = [Match(int(i), str(db.image_ids[i]), float(db.latitude[i]),
                          float(db.longitude[i]), float(db.heading[i]), float(s))
                    for i, s in zip(idx, sim)]
-        measurement = Measurement(
-            timestamp=timestamp, fix=pose.fix, latitude=pose.latitude,
-            longitude=pose.longitude, altitude=pose.altitude, heading=pose.heading,
-            heading_variance=pose.heading_variance, position_covariance=pose.position_covariance,
-            confidence=pose.confidence, matches=matches, tracked=prediction is not None)
         if prediction is not None:
             self._rank_with_prior(matches, idx, prediction)
-        if self.reranker is not None:
-            self._apply_verification(measurement, pose, idx, verification, yaw)
-        elif not measurement.fix:
-            measurement.no_fix_reason = 'retrieval confidence below min_confidence'
-        return measurement
+        if self.reranker is None:
+            outcome = dict(fix=pose.fix, no_fix_reason='' if pose.fix else
+                           'retrieval confidence below min_confidence')
+        elif verification is None:
+            outcome = self._unverified()
+        else:
+            outcome = self._verified(pose, matches, verification, yaw)
+        fields = dict(latitude=pose.latitude, longitude=pose.longitude, heading=pose.heading,
+                      heading_variance=pose.heading_variance,
+                      position_covariance=pose.position_covariance, confidence=pose.confidence)
+        fields.update(outcome)
+        return Measurement(timestamp=timestamp, altitude=pose.altitude, matches=matches,
+                           tracked=prediction is not None, **fields, **record)
 
-    def _apply_verification(self, m: Measurement, pose: PoseEstimate, idx: np.ndarray,
-                            verification: Optional[Verification], yaw: float) -> None:
+    def _unverified(self) -> dict:
         """
-        Replace the retrieval estimate by the geometrically verified one, or withhold it.
+        Return the outcome of a frame whose candidates all failed the geometric check.
 
-        Without a verified candidate the measurement keeps the retrieval estimate for the
-        record but is not a fix: retrieval alone is wrong too often to publish.
+        It keeps the retrieval estimate for the record but is not a fix: retrieval alone is
+        wrong too often to publish. Its confidence is the chance such an estimate is right,
+        as the map's calibration flight measured it, else 0: confidence always estimates
+        whether the reported position is right, on the scale of the verified fixes'.
         """
-        m.verified = verification is not None
-        if verification is None:
-            m.fix = False
-            m.no_fix_reason = 'no candidate verified'
-            return
+        return dict(fix=False, verified=False, no_fix_reason='no candidate verified',
+                    confidence=self._unverified_confidence)
+
+    def _verified(self, pose: PoseEstimate, matches: List[Match],
+                  verification: Verification, yaw: float) -> dict:
+        """
+        Return the outcome of a verified frame: the verified place refined in-tile.
+
+        The verified place moves to the front of `matches`. The position is the place's
+        centre moved by the verification's offset (with the map's ground sampling distance),
+        its covariance the map's calibrated model, else the inlier-based sigma.
+        """
         db = self.database
         config = self.config.rerank
         entry = verification.index
-        rank = next(r for r, match in enumerate(m.matches) if match.index == entry)
-        m.matches.insert(0, m.matches.pop(rank))
-        m.inliers = verification.inliers
-        m.verification = verification
+        rank = next(r for r, match in enumerate(matches) if match.index == entry)
+        matches.insert(0, matches.pop(rank))
         # Whether it is a fix: the share of inliers over the bar, as without a calibration.
         share = verification.inliers / (verification.inliers + config.min_inliers)
-        m.fix = share >= self.config.estimator.min_confidence
-        if not m.fix:
-            m.no_fix_reason = 'verified confidence below min_confidence'
+        fix = share >= self.config.estimator.min_confidence
         gsd = float(db.meta.get('gsd_m', math.nan))
-        # The reported confidence: the map's calibrated P(right) when it holds one.
-        m.confidence = share if self._confidence_model is None else \
-            self._confidence_model.probability(FixFeatures.of(verification, gsd))
+        features = FixFeatures.of(verification, gsd)
+        outcome = dict(
+            fix=fix, verified=True, inliers=verification.inliers, verification=verification,
+            no_fix_reason='' if fix else 'verified confidence below min_confidence',
+            # The reported confidence: the map's calibrated P(right) when it holds one.
+            confidence=share if self._confidence_model is None else
+            self._confidence_model.probability(features))
         db_heading = float(db.heading[entry])
         if math.isfinite(db_heading):
-            m.heading = float(wrap_degrees(db_heading + verification.rotation_deg + yaw))
-            m.heading_variance = math.radians(config.heading_sigma_deg) ** 2
+            outcome.update(heading=float(wrap_degrees(db_heading + verification.rotation_deg
+                                                      + yaw)),
+                           heading_variance=math.radians(config.heading_sigma_deg) ** 2)
         if not math.isfinite(gsd):  # no ground scale: the verified place itself
-            m.latitude, m.longitude = float(db.latitude[entry]), float(db.longitude[entry])
-            return
+            return dict(outcome, latitude=float(db.latitude[entry]),
+                        longitude=float(db.longitude[entry]))
         east, north = offset_to_enu(verification.offset_px, gsd, db_heading)
         lat, lon = from_enu(float(db.latitude[entry]), float(db.longitude[entry]), east, north)
-        m.latitude, m.longitude = float(lat), float(lon)
         covariance = np.array(pose.position_covariance, dtype=float)
         if self._covariance_model is not None:   # fitted on a calibration flight
-            covariance[:2, :2] = config.covariance_scale * self._covariance_model.covariance_en(
-                FixFeatures.of(verification, gsd))
+            covariance[:2, :2] = config.covariance_scale * \
+                self._covariance_model.covariance_en(features)
         else:
             scale = config.covariance_scale * float(db.meta.get('verified_covariance_scale',
                                                                 1.0))
             sigma = verified_position_sigma_m(verification, gsd)
             covariance[:2, :2] = scale * sigma ** 2 * np.eye(2)
-        m.position_covariance = covariance
+        return dict(outcome, latitude=float(lat), longitude=float(lon),
+                    position_covariance=covariance)

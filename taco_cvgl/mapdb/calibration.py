@@ -39,6 +39,7 @@ from taco_cvgl.localization.rerank import verified_position_sigma_m
 # Keys of the database meta that hold the models.
 COVARIANCE_META_KEY = 'verified_covariance_model'
 CONFIDENCE_META_KEY = 'verified_confidence_model'
+UNVERIFIED_META_KEY = 'unverified_confidence'
 # A residual below this (px) is taken as this: a perfect fit says nothing more than a tiny one.
 RESIDUAL_FLOOR_PX = 0.05
 # The defaults won on the demo's calibration flights (likelihood, cross-validated log loss);
@@ -502,3 +503,33 @@ def models_from_meta(meta: Mapping[str, Any]
     confidence = meta.get(CONFIDENCE_META_KEY)
     return (None if covariance is None else CovarianceModel.from_meta(covariance),
             None if confidence is None else ConfidenceModel.from_meta(confidence))
+
+
+def fit_unverified(errors_m, right_within_m: float) -> Dict[str, Any]:
+    """
+    Return the meta entry for frames that no candidate verified: how often they were right anyway.
+
+    errors_m: the retrieval estimate's error (m) of each such frame of a calibration flight;
+    right: within right_within_m. The probability is Laplace's rule of succession,
+    (right + 1) / (frames + 2), so that a short flight neither promises nor rules out.
+    """
+    errors = np.asarray(errors_m, dtype=float).reshape(-1)
+    errors = errors[np.isfinite(errors)]
+    right = int(np.count_nonzero(errors <= right_within_m))
+    return {'kind': 'rate', 'right': right, 'frames': int(errors.size),
+            'right_within_m': float(right_within_m),
+            'probability': (right + 1) / (errors.size + 2)}
+
+
+def unverified_confidence(meta: Mapping[str, Any]) -> float:
+    """Return P(right) of an unverified frame as the map's calibration holds it, else 0."""
+    entry = meta.get(UNVERIFIED_META_KEY)
+    if entry is None:
+        return 0.0
+    try:
+        value = _number(entry['probability'], 'probability')
+    except (KeyError, TypeError) as exc:
+        raise InputError(f'{UNVERIFIED_META_KEY} is not a probability record: {exc}') from None
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f'{UNVERIFIED_META_KEY}: probability {value} is not within [0, 1]')
+    return value
