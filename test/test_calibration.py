@@ -1,5 +1,6 @@
 """Fitted covariance and confidence of verified fixes, and the metrics that judge them."""
 
+import dataclasses
 import json
 import math
 
@@ -10,10 +11,11 @@ from taco_cvgl.evaluation.scoring import (average_precision, calibration_summary
                                           GAUSSIAN_2D_WITHIN_3SIGMA, summarize)
 from taco_cvgl.geo.geodesy import from_enu
 from taco_cvgl.localization.rerank import Verification
-from taco_cvgl.mapdb.calibration import (CONFIDENCE_META_KEY, ConfidenceModel, COVARIANCE_META_KEY,
-                                         CovarianceModel, fit_confidence, fit_covariance,
-                                         fit_single_scale, FixFeatures, models_from_meta)
+from taco_cvgl.mapdb.calibration import (ConfidenceModel, COVARIANCE_META_KEY, CovarianceModel,
+                                         fit_confidence, fit_covariance, fit_single_scale,
+                                         fit_unverified, FixFeatures)
 from taco_cvgl.mapdb.database import EmbeddingDatabase
+from taco_cvgl.mapdb.map_calibration import MapCalibration
 from taco_cvgl.model.config import ModelConfig
 
 # Known coefficients of the synthetic flights, on [1, log inliers, log residual (px),
@@ -222,21 +224,46 @@ def test_features_of_a_verification_name_the_runner_up():
     assert alone.runner_up_inliers == 0
 
 
-def test_models_survive_the_database_meta(tmp_path):
+def test_the_calibration_record_survives_the_database(tmp_path):
     fixes, errors, _ = gaussian_errors(400, seed=7)
     covariance = fit_covariance(fixes, errors)
     labelled, label_errors, _ = labelled_fixes(400, seed=8)
     confidence = fit_confidence(labelled, label_errors, right_within_m=100.0)
+    record = MapCalibration(gsd_m=2.5, grid_spacing_m=40.0, covariance_scale=1.5,
+                            covariance_model=covariance, confidence_model=confidence)
     n = 3
     db = EmbeddingDatabase(np.eye(n, 512, dtype=np.float32), np.array([47.0, 47.01, 47.02]),
                            np.full(n, 8.0), np.full(n, np.nan), np.zeros(n),
-                           np.array(['a.png', 'b.png', 'c.png']), ModelConfig(), 'f' * 32,
-                           meta={COVARIANCE_META_KEY: covariance.to_meta(),
-                                 CONFIDENCE_META_KEY: confidence.to_meta()})
+                           np.array(['a.png', 'b.png', 'c.png']), ModelConfig(), 'f' * 32)
+    record.apply_to(db.meta, unverified=fit_unverified([1.0, 90.0], 40.0))
     db.save(tmp_path / 'map.npz')
-    loaded = models_from_meta(EmbeddingDatabase.load(tmp_path / 'map.npz').meta)
-    assert loaded == (covariance, confidence)
-    assert models_from_meta({}) == (None, None)
+    loaded = EmbeddingDatabase.load(tmp_path / 'map.npz')
+    assert loaded.calibration == dataclasses.replace(record, unverified_confidence=0.5)
+    assert loaded.grid_spacing_m == 40.0          # recorded, not measured
+    assert EmbeddingDatabase.load(tmp_path / 'map.npz').meta[COVARIANCE_META_KEY] == \
+        covariance.to_meta()
+    assert MapCalibration.from_meta({}) == MapCalibration()
+
+
+def test_an_unrecorded_grid_spacing_is_measured_and_not_written(tmp_path):
+    # Three places 0.01 degree of latitude apart: about 1112 m (WGS84 at 47 N: 1111.9 m).
+    n = 3
+    db = EmbeddingDatabase(np.eye(n, 512, dtype=np.float32), np.array([47.0, 47.01, 47.02]),
+                           np.full(n, 8.0), np.full(n, np.nan), np.zeros(n),
+                           np.array(['a.png', 'b.png', 'c.png']), ModelConfig(), 'f' * 32)
+    assert db.grid_spacing_m == pytest.approx(1112.0, abs=2.0)
+    assert 'grid_spacing_m' not in db.meta
+
+
+@pytest.mark.parametrize('meta, message', [
+    ({'gsd_m': 0.0}, 'gsd_m must be a positive number'),
+    ({'covariance_scale': float('nan')}, 'covariance_scale must be a positive number'),
+    ({'grid_spacing_m': True}, 'grid_spacing_m must be a positive number'),
+    ({COVARIANCE_META_KEY: {'kind': 'nonsense'}}, 'covariance'),
+])
+def test_a_malformed_calibration_is_named(meta, message):
+    with pytest.raises(InputError, match=message):
+        MapCalibration.from_meta(meta)
     uncalibrated = ConfidenceModel()
     assert ConfidenceModel.from_meta(json.loads(json.dumps(uncalibrated.to_meta()))) == \
         uncalibrated

@@ -181,7 +181,8 @@ def test_malformed_database_files_are_one_clear_error(small_map, tmp_path):
         (changed('meta', None), r"\['meta'\] are missing"),
         (changed('meta', np.array('[1, 2]')), 'meta must be a JSON object'),
         (changed('meta', np.array('{not json')), 'meta is not valid JSON'),
-        (changed('meta', np.array('{"gsd_m": "2 m"}')), "meta gsd_m must be a number, got '2 m'"),
+        (changed('meta', np.array('{"gsd_m": "2 m"}')),
+         "meta calibration: gsd_m must be a positive number, got '2 m'"),
         (changed('latitude', good['latitude'].astype(str)), 'latitude must be a 1-D array of '
                                                             'numbers'),
         (changed('embeddings', np.ones((n, 512), np.int32)), 'fp16 or fp32'),

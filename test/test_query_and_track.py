@@ -6,7 +6,7 @@ from conftest import localizer_for, view_of
 import pytest
 from taco_cvgl.errors import InputError
 from taco_cvgl.localization.rerank import RerankConfig
-from taco_cvgl.mapdb.calibration import fit_unverified, UNVERIFIED_META_KEY, unverified_confidence
+from taco_cvgl.mapdb.calibration import fit_unverified, unverified_confidence, UNVERIFIED_META_KEY
 from taco_cvgl.mapdb.database import EmbeddingDatabase
 
 

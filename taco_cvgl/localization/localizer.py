@@ -18,7 +18,7 @@ from taco_cvgl.localization.heading import (HeadingPrior, merge_rotations, north
 from taco_cvgl.localization.rerank import (offset_to_enu, RerankConfig, Reranker, Verification,
                                            verified_position_sigma_m)
 from taco_cvgl.localization.tracking import ConstantVelocityTrack, TrackConfig
-from taco_cvgl.mapdb.calibration import FixFeatures, models_from_meta, unverified_confidence
+from taco_cvgl.mapdb.calibration import FixFeatures
 from taco_cvgl.mapdb.database import EmbeddingDatabase
 from taco_cvgl.mapdb.map_features import make_reranker
 from taco_cvgl.mapdb.search import make_index
@@ -188,7 +188,7 @@ class CVGLLocalizer:
         self.reranker: Optional[Reranker] = None
         self._enu = None          # database places in a local ENU frame (for the prior)
         self.track = ConstantVelocityTrack(config.track_config())
-        self._fingerprint = getattr(model, '_fingerprint_at_load', None) or model.fingerprint()
+        self._fingerprint = model.fingerprint()
 
     @classmethod
     def from_files(cls, weights, database, device: str = 'auto', precision: str = 'auto',
@@ -231,14 +231,14 @@ class CVGLLocalizer:
                                 f'({params.weights}, {params.database}): {exc}') from None
         except TacoError as exc:
             raise InputError(f'parameter database: {exc}') from None
-        if params.fast_path != 'off':
+        if params.fast_path != 'off':   # an Embedder with the model's calls, backend chosen
+            from taco_cvgl.inference.int8 import calibration_images
+            from taco_cvgl.inference.registry import make_embedder
             calibration = None
-            if params.fast_path == 'int8':  # activation ranges measured on the map's images
-                from taco_cvgl.inference.fastpath import calibration_images
+            if params.fast_path in ('auto', 'int8'):  # int8 ranges measured on the map's images
                 calibration = calibration_images(localizer.database.image_ids)
-            model.to_runtime(params.device, params.precision,
-                             fast=True if params.fast_path == 'auto' else params.fast_path,
-                             calibration=calibration)
+            localizer.model = make_embedder(model, params.fast_path,
+                                            calibration_images=calibration)
         localizer.warm_up()
         return localizer
 
@@ -257,21 +257,20 @@ class CVGLLocalizer:
             else None
         self.database = db
         self._origin = (float(np.mean(db.latitude)), float(np.mean(db.longitude)))
-        self._estimator = self._scaled_estimator(db)
         try:
-            self._covariance_model, self._confidence_model = models_from_meta(db.meta)
-            self._unverified_confidence = unverified_confidence(db.meta)
+            self._calibration = db.calibration
         except InputError as exc:
             raise InputError(f'database {path}: its calibration: {exc}') from None
+        self._estimator = self._scaled_estimator()
         self._enu = to_enu(*self._origin, db.latitude, db.longitude)
         self.track.reset()
         return db
 
-    def _scaled_estimator(self, db: EmbeddingDatabase) -> EstimatorConfig:
-        """Return the estimator config with the database's calibrated covariance scale on top."""
+    def _scaled_estimator(self) -> EstimatorConfig:
+        """Return the estimator config with the map's calibrated covariance scale on top."""
         estimator = self.config.estimator
         return dataclasses.replace(estimator, covariance_scale=estimator.covariance_scale
-                                   * float(db.meta.get('covariance_scale', 1.0)))
+                                   * self._calibration.covariance_scale)
 
     def reconfigure(self, config: LocalizerConfig) -> None:
         """
@@ -290,7 +289,7 @@ class CVGLLocalizer:
         if self.reranker is not None:
             self.reranker.config = config.rerank
         if self.database is not None:
-            self._estimator = self._scaled_estimator(self.database)
+            self._estimator = self._scaled_estimator()
 
     def warm_up(self, sizes=((480, 640),)) -> None:
         """
@@ -561,15 +560,16 @@ class CVGLLocalizer:
         if prediction is not None:
             self._rank_with_prior(matches, idx, prediction)
         if self.reranker is None:
-            outcome = dict(fix=pose.fix, no_fix_reason='' if pose.fix else
-                           'retrieval confidence below min_confidence')
+            outcome = {'fix': pose.fix, 'no_fix_reason': '' if pose.fix else
+                       'retrieval confidence below min_confidence'}
         elif verification is None:
             outcome = self._unverified()
         else:
             outcome = self._verified(pose, matches, verification, yaw)
-        fields = dict(latitude=pose.latitude, longitude=pose.longitude, heading=pose.heading,
-                      heading_variance=pose.heading_variance,
-                      position_covariance=pose.position_covariance, confidence=pose.confidence)
+        fields = {'latitude': pose.latitude, 'longitude': pose.longitude,
+                  'heading': pose.heading, 'heading_variance': pose.heading_variance,
+                  'position_covariance': pose.position_covariance,
+                  'confidence': pose.confidence}
         fields.update(outcome)
         return Measurement(timestamp=timestamp, altitude=pose.altitude, matches=matches,
                            tracked=prediction is not None, **fields, **record)
@@ -583,8 +583,8 @@ class CVGLLocalizer:
         as the map's calibration flight measured it, else 0: confidence always estimates
         whether the reported position is right, on the scale of the verified fixes'.
         """
-        return dict(fix=False, verified=False, no_fix_reason='no candidate verified',
-                    confidence=self._unverified_confidence)
+        return {'fix': False, 'verified': False, 'no_fix_reason': 'no candidate verified',
+                'confidence': self._calibration.unverified_confidence}
 
     def _verified(self, pose: PoseEstimate, matches: List[Match],
                   verification: Verification, yaw: float) -> dict:
@@ -595,7 +595,7 @@ class CVGLLocalizer:
         centre moved by the verification's offset (with the map's ground sampling distance),
         its covariance the map's calibrated model, else the inlier-based sigma.
         """
-        db = self.database
+        db, calibration = self.database, self._calibration
         config = self.config.rerank
         entry = verification.index
         rank = next(r for r, match in enumerate(matches) if match.index == entry)
@@ -603,14 +603,15 @@ class CVGLLocalizer:
         # Whether it is a fix: the share of inliers over the bar, as without a calibration.
         share = verification.inliers / (verification.inliers + config.min_inliers)
         fix = share >= self.config.estimator.min_confidence
-        gsd = float(db.meta.get('gsd_m', math.nan))
+        gsd = math.nan if calibration.gsd_m is None else calibration.gsd_m
         features = FixFeatures.of(verification, gsd)
-        outcome = dict(
-            fix=fix, verified=True, inliers=verification.inliers, verification=verification,
-            no_fix_reason='' if fix else 'verified confidence below min_confidence',
+        outcome = {
+            'fix': fix, 'verified': True, 'inliers': verification.inliers,
+            'verification': verification,
+            'no_fix_reason': '' if fix else 'verified confidence below min_confidence',
             # The reported confidence: the map's calibrated P(right) when it holds one.
-            confidence=share if self._confidence_model is None else
-            self._confidence_model.probability(features))
+            'confidence': share if calibration.confidence_model is None else
+            calibration.confidence_model.probability(features)}
         db_heading = float(db.heading[entry])
         if math.isfinite(db_heading):
             outcome.update(heading=float(wrap_degrees(db_heading + verification.rotation_deg
@@ -622,12 +623,11 @@ class CVGLLocalizer:
         east, north = offset_to_enu(verification.offset_px, gsd, db_heading)
         lat, lon = from_enu(float(db.latitude[entry]), float(db.longitude[entry]), east, north)
         covariance = np.array(pose.position_covariance, dtype=float)
-        if self._covariance_model is not None:   # fitted on a calibration flight
+        if calibration.covariance_model is not None:   # fitted on a calibration flight
             covariance[:2, :2] = config.covariance_scale * \
-                self._covariance_model.covariance_en(features)
+                calibration.covariance_model.covariance_en(features)
         else:
-            scale = config.covariance_scale * float(db.meta.get('verified_covariance_scale',
-                                                                1.0))
+            scale = config.covariance_scale * calibration.verified_covariance_scale
             sigma = verified_position_sigma_m(verification, gsd)
             covariance[:2, :2] = scale * sigma ** 2 * np.eye(2)
         return dict(outcome, latitude=float(lat), longitude=float(lon),

@@ -496,15 +496,6 @@ def _number(value, name: str) -> float:
     return float(value)
 
 
-def models_from_meta(meta: Mapping[str, Any]
-                     ) -> Tuple[Optional[CovarianceModel], Optional[ConfidenceModel]]:
-    """Return the models a database meta holds (None for one it does not hold)."""
-    covariance = meta.get(COVARIANCE_META_KEY)
-    confidence = meta.get(CONFIDENCE_META_KEY)
-    return (None if covariance is None else CovarianceModel.from_meta(covariance),
-            None if confidence is None else ConfidenceModel.from_meta(confidence))
-
-
 def fit_unverified(errors_m, right_within_m: float) -> Dict[str, Any]:
     """
     Return the meta entry for frames that no candidate verified: how often they were right anyway.

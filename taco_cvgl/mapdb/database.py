@@ -37,6 +37,7 @@ import zlib
 import numpy as np
 from taco_cvgl.errors import InputError, MismatchError
 from taco_cvgl.files.atomic import atomic_path
+from taco_cvgl.mapdb.map_calibration import MapCalibration
 from taco_cvgl.model.config import ModelConfig
 
 FORMAT = 'taco_cvgl.database/1'
@@ -45,8 +46,6 @@ CSV_OPTIONAL = ('heading', 'altitude')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.bmp', '.webp')
 REQUIRED_KEYS = ('embeddings', 'latitude', 'longitude', 'altitude', 'heading', 'image_ids',
                  'model_config', 'model_fingerprint', 'meta')
-# Entries of `meta` the localizer computes with (grid spacing, calibrations, ground pixel size).
-META_NUMBERS = ('grid_spacing_m', 'covariance_scale', 'verified_covariance_scale', 'gsd_m')
 # Value of the `image_base` array: relative image paths are relative to the database's folder.
 IMAGE_BASE = 'database'
 # Rows whose norm is further than this from 1 are not L2-normalised (fp16 storage stays within).
@@ -254,11 +253,22 @@ class EmbeddingDatabase:
         return int(self.embeddings.shape[1])
 
     @property
+    def calibration(self) -> MapCalibration:
+        """Return the map's calibration record (ground scale, spacing, error models)."""
+        return MapCalibration.from_meta(self.meta)
+
+    @property
     def grid_spacing_m(self) -> float:
-        """Return the typical distance between neighbouring database places (metres)."""
-        if 'grid_spacing_m' not in self.meta:
-            self.meta['grid_spacing_m'] = typical_spacing_m(self.latitude, self.longitude)
-        return float(self.meta['grid_spacing_m'])
+        """Return the typical distance between neighbouring places (m): recorded, or measured."""
+        recorded = self.calibration.grid_spacing_m
+        return self._measured_spacing_m() if recorded is None else recorded
+
+    def _measured_spacing_m(self) -> float:
+        """Return typical_spacing_m of the places, measured once per set of places."""
+        key = (len(self), self.latitude.ctypes.data, self.longitude.ctypes.data)
+        if getattr(self, '_spacing', (None,))[0] != key:
+            self._spacing = (key, typical_spacing_m(self.latitude, self.longitude))
+        return self._spacing[1]
 
     def check_model(self, fingerprint: str, config: ModelConfig, source: str = '') -> None:
         """Refuse a model that would embed differently from the one that built this database."""
@@ -294,7 +304,8 @@ class EmbeddingDatabase:
             raise InputError(f'{problem}: the weights {weights or "that made them"} are broken '
                              f'(a diverged training?); nothing was written to {path}')
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.grid_spacing_m  # computed once and stored with the file
+        if self.meta.get('grid_spacing_m') is None and math.isfinite(self._measured_spacing_m()):
+            self.meta['grid_spacing_m'] = self._measured_spacing_m()  # recorded with the map
         arrays = {
             'format': np.array(FORMAT),
             'embeddings': self.embeddings.astype(np.float16 if dtype == 'fp16' else np.float32),
@@ -529,10 +540,10 @@ def _meta(text: str) -> Dict:
         raise InputError(f'meta is not valid JSON: {exc}') from None
     if not isinstance(meta, dict):
         raise InputError(f'meta must be a JSON object, got {type(meta).__name__}')
-    for key in META_NUMBERS:
-        value = meta.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f'meta {key} must be a number, got {value!r}')
+    try:
+        MapCalibration.from_meta(meta)
+    except InputError as exc:
+        raise InputError(f'meta calibration: {exc}') from None
     return meta
 
 
@@ -665,7 +676,7 @@ def build_database(model, records: Sequence[ImageRecord], batch_size: int = 32,
 
 
 def torch_device_type(model) -> str:
-    """Return 'cuda' or 'cpu': where a model (ImageRetrievalModel or FastEmbedder) runs."""
+    """Return 'cuda' or 'cpu': where an Embedder (the model or a fast backend) runs."""
     return str(getattr(model, 'device', 'cpu')).split(':')[0]
 
 
