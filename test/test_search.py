@@ -4,8 +4,19 @@ import faiss
 import numpy as np
 import pytest
 from taco_cvgl.errors import InputError
-from taco_cvgl.mapdb.search import (brute_force_topk, ExactIndex, FaissIndex, make_index,
-                                    recall_at_k)
+from taco_cvgl.mapdb.search import ExactIndex, FaissIndex, make_index
+
+
+def brute_force_topk(queries, embeddings, k):
+    """Return the exact top-k by numpy in float64, the reference (ties: lower index first)."""
+    sim = np.asarray(queries, np.float64) @ np.asarray(embeddings, np.float64).T
+    order = np.argsort(-sim, axis=1, kind='stable')[:, :k]
+    return order, np.take_along_axis(sim, order, axis=1)
+
+
+def recall_at_k(found, truth, k):
+    """Return the share of rows whose exact top-1 appears among the first k found indices."""
+    return float(np.mean([truth[i, 0] in found[i, :k] for i in range(len(found))]))
 
 
 def unit_rows(n, d, seed):

@@ -211,17 +211,3 @@ def make_index(embeddings: np.ndarray, kind: str = 'auto', device: str = 'cpu',
     if kind == 'exact':
         return ExactIndex(embeddings, device)
     return FaissIndex(embeddings, kind, **options)
-
-
-def brute_force_topk(queries: np.ndarray, embeddings: np.ndarray, k: int,
-                     ) -> Tuple[np.ndarray, np.ndarray]:
-    """Return the exact top-k by numpy (reference for tests; ties broken by lower index)."""
-    sim = np.asarray(queries, np.float64) @ np.asarray(embeddings, np.float64).T
-    order = np.argsort(-sim, axis=1, kind='stable')[:, :k]
-    return order, np.take_along_axis(sim, order, axis=1)
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: Optional[int] = None) -> float:
-    """Return the share of rows whose exact top-1 appears in the first k found indices."""
-    k = found.shape[1] if k is None else k
-    return float(np.mean([truth[i, 0] in found[i, :k] for i in range(len(found))]))
