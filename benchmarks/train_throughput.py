@@ -80,7 +80,7 @@ class StepTimer(L.Callback):
 def measure(csv_path: Path, out: Path, accelerator: str, precision: str, size: int,
             batch: int, steps: int, warmup: int, workers: int) -> dict:
     """Train for warmup + steps steps; return images/s and peak memory (MiB)."""
-    from taco_cvgl.cli.train import train, TrainOptions
+    from taco_cvgl.training.run import train, TrainOptions
     timer = StepTimer(warmup)
     if accelerator == 'gpu':
         torch.cuda.reset_peak_memory_stats()

@@ -25,13 +25,13 @@ import sys
 
 import numpy as np
 
-from taco_cvgl.cli.train import train, TrainOptions
 from taco_cvgl.evaluation.recall import recall_at_k
 from taco_cvgl.files.image_codec import load_image_file
 from taco_cvgl.mapdb.database import build_database, read_csv
 from taco_cvgl.mapdb.search import make_index
 from taco_cvgl.model.embedder import ImageRetrievalModel
 from taco_cvgl.training.data import make_triplets, split_database_queries
+from taco_cvgl.training.run import train, TrainOptions
 
 
 def run(data_dir: Path, out: Path, epochs: int, input_px: int, backbone: str,

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from taco_cvgl.cli.evaluate import read_headings
+from taco_cvgl.evaluation.ground_truth import read_headings
 from taco_cvgl.files.bags import list_topics, read_navsat
 from taco_cvgl.geo.geodesy import angle_difference_deg
 from taco_cvgl.mapdb.database import EmbeddingDatabase

@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 from taco_cvgl.cli import evaluate
 from taco_cvgl.errors import InputError, MismatchError
+from taco_cvgl.evaluation import runs
 from taco_cvgl.evaluation.scoring import (FrameResult, GAUSSIAN_2D_WITHIN_1SIGMA,
                                           GAUSSIAN_2D_WITHIN_2SIGMA, interpolate_headings,
                                           summarize)
@@ -98,10 +99,10 @@ def test_camera_bag_metrics_match_hand_computed(tmp_path, small_map, localizer, 
     bag = tmp_path / 'drive'
     truths, places = camera_bag(bag, storage, small_map, second_of_2)
     draw = storage == 'mcap'  # the pictures take seconds: drawn once
-    result = evaluate.evaluate_bag(bag, CAMERA, GT, small_map.db, small_map.weights,
-                                   tmp_path / 'out', gt_heading_topic=HEADING,
-                                   threshold_m=25.0, localizer=localizer, progress=False,
-                                   plots=draw)
+    result = runs.evaluate_bag(bag, CAMERA, GT, small_map.db, small_map.weights,
+                               tmp_path / 'out', gt_heading_topic=HEADING,
+                               threshold_m=25.0, localizer=localizer, progress=False,
+                               plots=draw)
     m = result.metrics
     assert m['complete'] is True and m['stopped'] is None and m['mode'] == 'localizer'
     assert m['frames']['total'] == 7 and m['frames']['scored'] == 5
@@ -179,9 +180,9 @@ def test_interrupted_run_is_reported_incomplete(tmp_path, small_map, localizer):
         if len(seen) == 3:
             raise KeyboardInterrupt
 
-    result = evaluate.evaluate_bag(bag, CAMERA, GT, None, None, tmp_path / 'out',
-                                   localizer=localizer, progress=False, on_frame=stop_at_third,
-                                   plots=False)
+    result = runs.evaluate_bag(bag, CAMERA, GT, None, None, tmp_path / 'out',
+                               localizer=localizer, progress=False, on_frame=stop_at_third,
+                               plots=False)
     on_disk = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
     for m in (result.metrics, on_disk):
         assert m['complete'] is False and m['stopped'].startswith('interrupted')
@@ -192,8 +193,8 @@ def test_interrupted_run_is_reported_incomplete(tmp_path, small_map, localizer):
 def test_max_frames_marks_the_result_incomplete(tmp_path, small_map, localizer):
     bag = tmp_path / 'drive'
     camera_bag(bag, 'mcap', small_map, 3)
-    result = evaluate.evaluate_bag(bag, CAMERA, GT, None, None, tmp_path / 'out', max_frames=2,
-                                   localizer=localizer, progress=False, plots=False)
+    result = runs.evaluate_bag(bag, CAMERA, GT, None, None, tmp_path / 'out', max_frames=2,
+                               localizer=localizer, progress=False, plots=False)
     assert not result.complete and 'max_frames=2' in result.metrics['stopped']
     assert result.metrics['frames']['total'] == 2
 
@@ -210,8 +211,8 @@ def test_undecodable_image_makes_the_result_incomplete(tmp_path, small_map, loca
         writer.write_msg(CAMERA, at(2), junk)
         for seconds in (0.5, 1.5):  # ground truth around the good image only
             writer.write_navsat(GT, at(seconds), lat, lon, 0.0)
-    m = evaluate.evaluate_bag(bag, CAMERA, GT, None, None, tmp_path / 'out',
-                              localizer=localizer, progress=False, plots=False).metrics
+    m = runs.evaluate_bag(bag, CAMERA, GT, None, None, tmp_path / 'out',
+                          localizer=localizer, progress=False, plots=False).metrics
     assert m['complete'] is False and m['stopped'] is None
     assert m['frames']['undecodable'] == 1 and m['frames']['scored'] == 1
     assert len(m['frames']['decode_errors']) == 1
@@ -224,8 +225,8 @@ def test_database_of_another_model_is_refused(tmp_path, small_map):
     bag = tmp_path / 'drive'
     camera_bag(bag, 'mcap', small_map, 3)
     with pytest.raises(MismatchError, match='rebuild the database'):
-        evaluate.evaluate_bag(bag, CAMERA, GT, other, small_map.weights, tmp_path / 'out',
-                              device='cpu', precision='fp32', progress=False)
+        runs.evaluate_bag(bag, CAMERA, GT, other, small_map.weights, tmp_path / 'out',
+                          device='cpu', precision='fp32', progress=False)
     assert not (tmp_path / 'out').exists()
 
 
@@ -276,8 +277,8 @@ def recorded_bags(tmp_path, storage, split):
 @pytest.mark.parametrize('storage,split', [('mcap', False), ('sqlite3', True)])
 def test_recorded_bag_metrics_match_hand_computed(tmp_path, storage, split):
     run, gt_bag = recorded_bags(tmp_path, storage, split)
-    result = evaluate.evaluate_recorded(run, FIX, GT, tmp_path / 'out', gt_bag=gt_bag,
-                                        image_topic=CAMERA, progress=False)
+    result = runs.evaluate_recorded(run, FIX, GT, tmp_path / 'out', gt_bag=gt_bag,
+                                    image_topic=CAMERA, progress=False)
     m = result.metrics
     assert m['complete'] is True and m['mode'] == 'recorded'
     assert m['frames']['total'] == 7 and m['frames']['scored'] == 6
@@ -340,8 +341,8 @@ def test_recorded_geopose_headings(tmp_path):
                                  cov=cov, orientation=q)
         for seconds in (0.5, 1.5, 2.5):
             writer.write_msg(HEADING, at(seconds), imu(at(seconds), 80.0))
-    m = evaluate.evaluate_recorded(run, FIX, GT, tmp_path / 'out', gt_heading_topic=HEADING,
-                                   progress=False, plots=False).metrics
+    m = runs.evaluate_recorded(run, FIX, GT, tmp_path / 'out', gt_heading_topic=HEADING,
+                               progress=False, plots=False).metrics
     assert m['heading_error_deg']['count'] == 1  # the second estimate has no heading
     assert m['heading_error_deg']['median'] == pytest.approx(20.0, abs=1e-6)
     assert m['position_error_m']['fixes']['median'] == pytest.approx(25.0, abs=1e-3)
@@ -359,9 +360,9 @@ def test_recorded_geopose_headings(tmp_path):
 def test_missing_topic_lists_the_bags_topics(tmp_path, capsys):
     run, _ = recorded_bags(tmp_path, 'mcap', False)
     with pytest.raises(InputError, match=r'no ground-truth topic /odom.*/gps/fix'):
-        evaluate.evaluate_recorded(run, FIX, '/odom', tmp_path / 'out', progress=False)
+        runs.evaluate_recorded(run, FIX, '/odom', tmp_path / 'out', progress=False)
     with pytest.raises(InputError, match=r'no topic /camera/left.*/camera/image_raw'):
-        evaluate.evaluate_bag(run, '/camera/left', GT, None, None, tmp_path / 'out')
+        runs.evaluate_bag(run, '/camera/left', GT, None, None, tmp_path / 'out')
     rc = evaluate.main(['--bag', str(run), '--estimate-topic', '/nope', '--gt-topic', GT,
                         '--out', str(tmp_path / 'out')])
     err = capsys.readouterr().err
@@ -373,9 +374,9 @@ def test_unreadable_bag_is_a_clear_error(tmp_path):
     broken = tmp_path / 'broken.mcap'
     broken.write_bytes(b'this is not an MCAP file')
     with pytest.raises(InputError, match='broken.mcap'):
-        evaluate.evaluate_recorded(broken, FIX, GT, tmp_path / 'out', progress=False)
+        runs.evaluate_recorded(broken, FIX, GT, tmp_path / 'out', progress=False)
     with pytest.raises(InputError, match='bag not found'):
-        evaluate.evaluate_recorded(tmp_path / 'absent', FIX, GT, tmp_path / 'out')
+        runs.evaluate_recorded(tmp_path / 'absent', FIX, GT, tmp_path / 'out')
 
 
 def test_command_line_scores_a_recorded_bag(tmp_path, capsys):
@@ -441,7 +442,7 @@ def test_summary_counts_verified_places_and_no_fix_reasons():
 
 
 def format_summary_of(metrics):
-    from taco_cvgl.cli.evaluate import format_summary
+    from taco_cvgl.evaluation.report import format_summary
     return format_summary({**metrics, 'complete': True})
 
 

@@ -18,6 +18,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Imu, NavSatFix
 from taco_cvgl.cli import evaluate, localize
+from taco_cvgl.evaluation import runs
 from taco_cvgl.files import bags
 from taco_cvgl.files.image_codec import encode_compressed
 from taco_cvgl.geo.geodesy import angle_difference_deg
@@ -285,9 +286,9 @@ def drive(small_map, tmp_path_factory):
 def test_evaluate_bag_matches_priors_and_reports_them(small_map, drive, tmp_path):
     localizer = CVGLLocalizer.from_files(small_map.weights, small_map.db, 'cpu', 'fp32',
                                          LocalizerConfig(top_k=3, rotation_tta=4))
-    result = evaluate.evaluate_bag(drive, IMAGES, GT, None, None, tmp_path / 'out',
-                                   localizer=localizer, orientation_topic=IMU, progress=False,
-                                   plots=False)
+    result = runs.evaluate_bag(drive, IMAGES, GT, None, None, tmp_path / 'out',
+                               localizer=localizer, orientation_topic=IMU, progress=False,
+                               plots=False)
     prior = result.metrics['heading_prior']
     assert prior['topic'] == IMU and prior['type'] == 'sensor_msgs/msg/Imu'
     assert (prior['messages'], prior['bad_messages']) == (3, 2)

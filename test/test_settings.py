@@ -134,7 +134,7 @@ def test_the_default_configuration_withholds_the_fix_for_an_unrelated_place(
 
 
 def test_settings_written_as_a_params_file_read_back_equal(tmp_path):
-    from taco_cvgl.cli.demo import demo_settings
+    from taco_cvgl.demo.pipeline import demo_settings
     demo = demo_settings('w.safetensors', 'm.npz')
     path = tmp_path / 'demo.yaml'
     path.write_text(settings.defaults_yaml(demo))

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 from safetensors import safe_open
-from taco_cvgl.cli.train import main, train, TrainOptions
+from taco_cvgl.cli.train import main
 from taco_cvgl.errors import InputError, MismatchError
 from taco_cvgl.evaluation.recall import hits_within, recall_at_k, top1_errors_m
 from taco_cvgl.files.image_codec import load_image_file
@@ -28,6 +28,7 @@ from taco_cvgl.mapdb.database import read_csv
 from taco_cvgl.model.config import ModelConfig
 from taco_cvgl.model.embedder import ImageRetrievalModel
 from taco_cvgl.training.data import Augmentation, split_database_queries, validation_dataset
+from taco_cvgl.training.run import train, TrainOptions
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_checkpoint_and_export_round_trip(trained, data, tmp_path):
     a, b = from_ckpt.encode_batch(images), from_file.encode_batch(images)
     assert (a * b).sum(1).min().item() > 0.999           # fp16 export of the same weights
     # build-db loads the exported weights as they are, and the database accepts that model.
-    from taco_cvgl.cli.build_db import build_db
+    from taco_cvgl.mapdb.build import build_db
     some = _subset(data, tmp_path / 'some', 5) / 'val'
     db = build_db(tmp_path / 'map.npz', trained.weights, images=some, csv=some / 'images.csv',
                   device='cpu', precision='fp32', progress=False)

@@ -12,11 +12,10 @@ import threading
 
 from taco_cvgl.errors import TacoError
 from taco_cvgl.localization import settings
+from taco_cvgl.training.options import LIGHTNING_PRECISION
 
 EXIT_USER_ERROR = 2
 PRECISIONS = settings.PRECISIONS
-#: Each precision under its PyTorch Lightning name: the one mapping, read both ways.
-LIGHTNING_PRECISION = {'fp32': '32-true', 'bf16': 'bf16-mixed', 'fp16': '16-mixed'}
 PRECISION_METAVAR = '{auto,fp32,fp16,bf16}'
 PRECISION_HELP = ('autocast precision (auto: fp16 on CUDA, fp32 on CPU); the Lightning names '
                   '32-true, 16-mixed and bf16-mixed are taken too')

@@ -11,6 +11,8 @@ simulated downward-camera views (`views.py`) that differ from the map in geometr
 scale, tilt) and in appearance (blur, noise, exposure, colour, local shading, haze, seasonal colour
 change).
 Training places (west) and evaluation places (east) are kept apart by a gap (`split_regions`).
+`pipeline.py` runs the demo step by step (`taco-cvgl demo`) with the package's own functions;
+`flight.py` writes the simulated flight as a rosbag2 and replays it into the node run live.
 
 Conventions used throughout:
 - pixel coordinates (col, row) are continuous with integer values at pixel centres: pixel (0, 0)
