@@ -256,7 +256,6 @@ def bench_model(size: int, weights: Optional[str] = None, seed: int = 0):
 def runtime_copy(model, device: str, precision: str):
     """Return a copy of the model placed by to_runtime (the product's eager path)."""
     clone = copy.deepcopy(model)
-    clone._fingerprint_at_load = getattr(model, '_fingerprint_at_load', None)
     return clone.to_runtime(device, precision)
 
 
@@ -299,7 +298,7 @@ def reset_compiled() -> None:
 
 def fast_cpu_precision() -> str:
     """Return the precision the CPU fast path should use here: bf16 where the CPU has it."""
-    from taco_cvgl.inference.fastpath import cpu_has_bf16
+    from taco_cvgl.inference.cpu import cpu_has_bf16
     return 'bf16' if cpu_has_bf16() else 'fp32'
 
 
@@ -308,7 +307,7 @@ def synthetic_database(model, n: int, seed: int = 0, spacing_m: float = 30.0):
     """
     Return an EmbeddingDatabase of n random unit embeddings on a grid, for this model.
 
-    `model` needs only `config` and a fingerprint (`_fingerprint_at_load` or `fingerprint()`).
+    `model` needs only `config` and `fingerprint()`.
     """
     from taco_cvgl.mapdb.database import EmbeddingDatabase
     rng = np.random.default_rng(seed)
@@ -322,7 +321,7 @@ def synthetic_database(model, n: int, seed: int = 0, spacing_m: float = 30.0):
     lat0, lon0 = 47.0, 8.0
     lat = lat0 + (idx // side) * spacing_m / 111_320.0
     lon = lon0 + (idx % side) * spacing_m / (111_320.0 * math.cos(math.radians(lat0)))
-    fingerprint = getattr(model, '_fingerprint_at_load', None) or model.fingerprint()
+    fingerprint = model.fingerprint()
     return EmbeddingDatabase(
         embeddings=emb, latitude=lat, longitude=lon, altitude=np.full(n, 400.0),
         heading=np.zeros(n), image_ids=np.array([f'images/{i:08d}.jpg' for i in range(n)]),

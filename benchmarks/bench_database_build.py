@@ -47,13 +47,12 @@ def write_jpegs(folder: Path, count: int, shape=FRAME_SHAPE, quality: int = 90) 
 
 def measure(options: BenchOptions, gpu: bool) -> dict:
     """JPEG files -> embeddings: the product's build path vs the fast one, images/s."""
-    from taco_cvgl.inference.fastpath import FastEmbedder
+    from taco_cvgl.inference.registry import make_embedder
     from taco_cvgl.inference.gpu_decode import embed_image_files, gpu_decode_status
     from taco_cvgl.mapdb.database import build_database, ImageRecord
     device = 'cuda' if gpu else 'cpu'
     count = (512 if options.quick else 4096) if gpu else (8 if options.quick else 32)
     model = bench_model(options.sizes[0], options.weights)
-    model._fingerprint_at_load = model.fingerprint()
     out = {'device': device, 'input_size': options.sizes[0], 'files': count,
            'file_kind': f'JPEG q90 {FRAME_SHAPE[1]}x{FRAME_SHAPE[0]}', 'variants': {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,8 +68,8 @@ def measure(options: BenchOptions, gpu: bool) -> dict:
 
         def fast(precision: str, batch: int, gpu_decode: bool, backend: str = 'auto'):
             m = runtime_copy(model, device, precision)
-            encoder = m if backend == 'eager' else FastEmbedder(m, backend,
-                                                                cache_dir=options.cache_dir)
+            encoder = m if backend == 'eager' else make_embedder(m, backend,
+                                                                 cache_dir=options.cache_dir)
             return lambda: embed_image_files(encoder, paths, batch_size=batch,
                                              workers=min(16, os.cpu_count() or 2),
                                              gpu_decode=gpu_decode)[0]

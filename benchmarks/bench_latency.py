@@ -41,7 +41,7 @@ def reference_embeddings(encoder, images: TestImages) -> dict:
 
 def equal_accuracy(acc: dict) -> bool:
     """Return True when a backend meets the bench's 'equal accuracy' bar."""
-    from taco_cvgl.inference.fastpath import MIN_COSINE
+    from taco_cvgl.inference.base import MIN_COSINE
     return bool(acc.get('min_cosine', 0) >= MIN_COSINE and acc.get('top1_identical'))
 
 
@@ -60,32 +60,32 @@ def _latency_variants(model, device: str, gpu: bool, with_compile: bool, cache_d
 
 def _all_latency_variants(model, device: str, gpu: bool, with_compile: bool, cache_dir,
                           calibration=None):
-    from taco_cvgl.inference.fastpath import FastEmbedder
+    from taco_cvgl.inference.registry import make_embedder
     yield 'eager_fp32', lambda: PlainEager(model, device)
     if gpu:
         yield 'eager_fp16', lambda: runtime_copy(model, device, 'fp16')
-        yield 'cuda_graph_fp16', lambda: FastEmbedder(runtime_copy(model, device, 'fp16'),
-                                                      'cuda_graph', (1, 2, 4))
+        yield 'cuda_graph_fp16', lambda: make_embedder(runtime_copy(model, device, 'fp16'),
+                                                       'cuda_graph', batch_sizes=(1, 2, 4))
         if with_compile:
-            yield 'compile_fp16', lambda: FastEmbedder(runtime_copy(model, device, 'fp16'),
-                                                       'compile', (1, 2, 4))
+            yield 'compile_fp16', lambda: make_embedder(runtime_copy(model, device, 'fp16'),
+                                                        'compile', batch_sizes=(1, 2, 4))
         return
     yield 'eager_fp32_channels_last', lambda: runtime_copy(model, device, 'fp32')
-    yield 'eager_fp32_uint8_resize', lambda: FastEmbedder(runtime_copy(model, device, 'fp32'),
-                                                          'eager')
+    yield 'eager_fp32_uint8_resize', lambda: make_embedder(runtime_copy(model, device, 'fp32'),
+                                                           'eager')
     yield 'eager_bf16_channels_last', lambda: runtime_copy(model, device, 'bf16')
-    yield 'jit_fp32', lambda: FastEmbedder(runtime_copy(model, device, 'fp32'), 'jit')
-    yield 'jit_bf16', lambda: FastEmbedder(runtime_copy(model, device, 'bf16'), 'jit')
-    yield 'onnxruntime_fp32', lambda: FastEmbedder(runtime_copy(model, device, 'fp32'),
-                                                   'onnxruntime', cache_dir=cache_dir)
+    yield 'jit_fp32', lambda: make_embedder(runtime_copy(model, device, 'fp32'), 'jit')
+    yield 'jit_bf16', lambda: make_embedder(runtime_copy(model, device, 'bf16'), 'jit')
+    yield 'onnxruntime_fp32', lambda: make_embedder(runtime_copy(model, device, 'fp32'),
+                                                    'onnxruntime', cache_dir=cache_dir)
     if with_compile:
-        yield 'compile_fp32', lambda: FastEmbedder(runtime_copy(model, device, 'fp32'),
-                                                   'compile')
-        yield 'compile_bf16', lambda: FastEmbedder(runtime_copy(model, device, 'bf16'),
-                                                   'compile')
+        yield 'compile_fp32', lambda: make_embedder(runtime_copy(model, device, 'fp32'),
+                                                    'compile')
+        yield 'compile_bf16', lambda: make_embedder(runtime_copy(model, device, 'bf16'),
+                                                    'compile')
         if calibration:  # static int8, calibrated on the database images (not the queries)
-            yield 'int8_bf16', lambda: FastEmbedder(runtime_copy(model, device, 'bf16'),
-                                                    'int8', calibration=calibration)
+            yield 'int8_bf16', lambda: make_embedder(runtime_copy(model, device, 'bf16'),
+                                                     'int8', calibration_images=calibration)
 
 
 def measure(options: BenchOptions, gpu: bool) -> dict:

@@ -23,7 +23,7 @@ from bench_pipeline import image_message, make_localizer, navsat_builder
 def measure(options: BenchOptions) -> dict:
     """4 cameras at 30 Hz feeding the node's newest-frame slots; count dropped frames."""
     from taco_cvgl.files.image_codec import decode_msg
-    from taco_cvgl.inference.fastpath import FastEmbedder
+    from taco_cvgl.inference.registry import make_embedder
     reason = gpu_reason()
     if reason and not options.multi_camera_on_cpu:
         return {'skipped': reason}
@@ -31,13 +31,13 @@ def measure(options: BenchOptions) -> dict:
     cameras, rate_hz = 4, 30.0
     duration = 2.0 if options.quick else 6.0
     model = bench_model(options.sizes[0], options.weights)
-    model._fingerprint_at_load = model.fingerprint()
     images = TestImages(places=cameras, queries=0)
     messages = [image_message(im)[0] for im in images.database]
     to_fix, _ = navsat_builder()
     precision = 'fp16' if device == 'cuda' else 'fp32'
-    encoder = FastEmbedder(runtime_copy(model, device, precision), 'auto',
-                           tuple(range(1, cameras + 1)), cache_dir=options.cache_dir)
+    encoder = make_embedder(runtime_copy(model, device, precision), 'auto',
+                            batch_sizes=tuple(range(1, cameras + 1)),
+                            cache_dir=options.cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / 'db.npz'
         synthetic_database(model, 100_000 if device == 'cuda' else 10_000).save(db_path)

@@ -53,7 +53,7 @@ def make_localizer(model, encoder, db_path: Path, index: str = 'exact'):
     """
     Return a CVGLLocalizer over db_path whose inference goes through `encoder`.
 
-    The localizer calls model.encode_batch; a FastEmbedder offers the same call, so it stands
+    The localizer calls model.encode_batch; a fast Embedder offers the same call, so it stands
     in for the model (the product wires it through ImageRetrievalModel.to_runtime).
     """
     from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
@@ -66,13 +66,12 @@ def make_localizer(model, encoder, db_path: Path, index: str = 'exact'):
 def measure(options: BenchOptions, gpu: bool) -> dict:
     """Time image message -> Measurement (-> NavSatFix): p50/p99 latency, eager vs fast."""
     from taco_cvgl.files.image_codec import decode_msg
-    from taco_cvgl.inference.fastpath import FastEmbedder
+    from taco_cvgl.inference.registry import make_embedder
     device = 'cuda' if gpu else 'cpu'
     size = options.sizes[0]
     n_frames = (50 if options.quick else 300) if gpu else (5 if options.quick else 20)
     entries = (100_000 if options.quick else 1_000_000) if gpu else 10_000
     model = bench_model(size, options.weights)
-    model._fingerprint_at_load = model.fingerprint()
     images = TestImages(places=4, queries=0)
     messages = [image_message(im)[0] for im in images.database]
     msg_kind = image_message(images.database[0])[1]
@@ -86,16 +85,16 @@ def measure(options: BenchOptions, gpu: bool) -> dict:
         variants = [('eager_fp32', lambda: PlainEager(model, device))]
         if gpu:
             variants.append(('eager_fp16', lambda: runtime_copy(model, device, 'fp16')))
-            variants.append(('fast_cuda_graph_fp16', lambda: FastEmbedder(
-                runtime_copy(model, device, 'fp16'), 'cuda_graph', (1, 2, 3, 4))))
+            variants.append(('fast_cuda_graph_fp16', lambda: make_embedder(
+                runtime_copy(model, device, 'fp16'), 'cuda_graph', batch_sizes=(1, 2, 3, 4))))
             if options.compile_on_gpu:
-                variants.append(('fast_compile_fp16', lambda: FastEmbedder(
-                    runtime_copy(model, device, 'fp16'), 'compile', (1, 2, 3, 4))))
+                variants.append(('fast_compile_fp16', lambda: make_embedder(
+                    runtime_copy(model, device, 'fp16'), 'compile', batch_sizes=(1, 2, 3, 4))))
         else:
             for precision in ('fp32', 'bf16'):
                 if options.quick and precision != fast_cpu_precision():
                     continue
-                variants.append((f'fast_auto_{precision}', lambda p=precision: FastEmbedder(
+                variants.append((f'fast_auto_{precision}', lambda p=precision: make_embedder(
                     runtime_copy(model, device, p), 'auto', cache_dir=options.cache_dir)))
         built = {}
         for name, build in variants:

@@ -151,7 +151,7 @@ def measure(options: BenchOptions) -> dict:
            'exact_recall_at_10': round(float(np.mean(exact_hits.any(axis=1))), 4),
            'options': {}}
     with tempfile.TemporaryDirectory() as tmp:
-        stand_in = types.SimpleNamespace(config=ModelConfig(), _fingerprint_at_load='synthetic')
+        stand_in = types.SimpleNamespace(config=ModelConfig(), fingerprint=lambda: 'synthetic')
         db = synthetic_database(stand_in, min(n, 10_000))
         db.embeddings = data[:len(db)].copy()
         path = db.save(Path(tmp) / 'db.npz', dtype='fp16')

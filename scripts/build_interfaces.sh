@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
-# Build the wire-compatible geographic_msgs copy (interfaces/geographic_msgs) and install it into a
-# Python virtual environment that holds the ROS 2 PyPI wheels (rclpy, std_msgs, geometry_msgs).
+# Build the wire-compatible message copies in interfaces/ (geographic_msgs, tf2_msgs) and install
+# them into a Python virtual environment that holds the ROS 2 PyPI wheels (rclpy, std_msgs,
+# geometry_msgs).
 #
 # Usage: scripts/build_interfaces.sh [VENV]
 #   VENV   the virtual environment to install into (default: .venv in the repository root);
 #          a relative path is taken relative to the current directory.
 # Environment:
-#   TACO_INTERFACES_FORCE=1   rebuild even when the installed copy is up to date.
-#   TACO_INTERFACES_VERBOSE=1 stream the CMake output instead of writing it to the log file.
+#   TACO_INTERFACES_FORCE=1   rebuild even when the installed copies are up to date.
+#   TACO_INTERFACES_VERBOSE=1 stream the CMake output instead of writing it to the log files.
 #
 # Only for machines without ROS apt packages (development, CI). On a robot use
-# ros-$ROS_DISTRO-geographic-msgs. See interfaces/README.md.
+# ros-$ROS_DISTRO-geographic-msgs and ros-$ROS_DISTRO-tf2-ros. See interfaces/README.md.
 #
-# What it does: installs the pip packages the rosidl generators need, rewrites the wheel builder's
+# Each package of PACKAGES is built by a run of this script of its own (TACO_INTERFACES_PACKAGE
+# set), one after the other. What a run does: installs the pip packages the rosidl generators need, rewrites the wheel builder's
 # include paths in the exported *__rosidl_generator_pyExport.cmake files, configures with CMake
 # against the venv (build tree in build/interfaces/, outside the sources), installs into the venv
-# prefix, then checks that the messages import and travel between two processes. A stamp file with
-# a hash of the sources makes a second run a no-op while nothing changed.
+# prefix, then checks that the messages import (geographic_msgs: and travel between two
+# processes). A stamp file with a hash of the package's sources makes a second run a no-op while
+# nothing changed.
 
 set -euo pipefail
 
-readonly PACKAGE=geographic_msgs
+# The packages, each with the message its checks import.
+readonly PACKAGES=(geographic_msgs:GeoPoseWithCovarianceStamped tf2_msgs:TFMessage)
+if [[ -z "${TACO_INTERFACES_PACKAGE:-}" ]]; then
+  for entry in "${PACKAGES[@]}"; do
+    TACO_INTERFACES_PACKAGE="$entry" bash "${BASH_SOURCE[0]}" "$@"
+  done
+  exit 0
+fi
+readonly PACKAGE="${TACO_INTERFACES_PACKAGE%%:*}"
+readonly MESSAGE="${TACO_INTERFACES_PACKAGE#*:}"
 # Extra pip packages the rosidl generators need on top of the runtime wheels (see ROS2_HERE.md),
 # pinned like requirements.txt so that a fresh machine builds with what was tested.
 readonly GENERATOR_PACKAGES=(
@@ -100,7 +112,7 @@ PY
 stamp_file="$venv/share/$PACKAGE/taco_build_stamp"
 
 import_check() {
-  "$python" -c "from $PACKAGE.msg import GeoPoseWithCovarianceStamped" >/dev/null 2>&1
+  "$python" -c "from $PACKAGE.msg import $MESSAGE" >/dev/null 2>&1
 }
 
 if [[ "${TACO_INTERFACES_FORCE:-0}" != 1 && -f "$stamp_file" \
@@ -245,20 +257,21 @@ run_logged cmake --install "$build_dir"
 # --- Verify ---------------------------------------------------------------------------------------
 step_logs=0
 step='verify import'
-"$python" -c "from $PACKAGE.msg import GeoPoseWithCovarianceStamped" \
+"$python" -c "from $PACKAGE.msg import $MESSAGE" \
   || die "the installed $PACKAGE does not import; see $log_file."
-type_hash="$("$python" - "$venv/share/$PACKAGE/msg/GeoPoseWithCovarianceStamped.json" <<'PY'
+type_hash="$("$python" - "$venv/share/$PACKAGE/msg/$MESSAGE.json" "$PACKAGE/msg/$MESSAGE" <<'PY'
 import json
 import sys
 
 with open(sys.argv[1], encoding='utf-8') as stream:
     hashes = json.load(stream)['type_hashes']
-print(next(h['hash_string'] for h in hashes
-           if h['type_name'] == 'geographic_msgs/msg/GeoPoseWithCovarianceStamped'))
+print(next(h['hash_string'] for h in hashes if h['type_name'] == sys.argv[2]))
 PY
 )"
-log "import works; GeoPoseWithCovarianceStamped type hash $type_hash"
+log "import works; $MESSAGE type hash $type_hash"
 
+# The node's output crosses processes (tf2_msgs is checked by test/test_extrinsics.py's nodes).
+if [[ "$PACKAGE" == geographic_msgs ]]; then
 step='verify publish/subscribe across processes'
 log "checking publish/subscribe between two processes"
 "$python" - <<'PY'
@@ -324,6 +337,7 @@ finally:
     child.wait()
 PY
 log "publish/subscribe across processes works"
+fi
 
 # Stamp last, so that a failed or interrupted run is redone next time.
 step='write the stamp'

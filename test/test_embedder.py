@@ -120,14 +120,51 @@ def test_config_validation_names_the_field():
     assert ModelConfig.from_json(CONFIG.to_json()) == CONFIG
 
 
-def test_fast_path_is_wired_into_the_model(images):
+def test_a_fast_path_is_asked_of_the_registry_and_wraps_the_model(images):
+    from taco_cvgl.inference.base import Embedder
+    from taco_cvgl.inference.registry import make_embedder
     torch.manual_seed(0)
     eager = ImageRetrievalModel(CONFIG).to_runtime('cpu', 'fp32')
     reference = eager.encode_batch(images)
-    fast = eager.to_runtime('cpu', 'fp32', fast='jit')
-    assert fast._fast.backend == 'jit'
-    out = fast.encode_batch(images)
+    # 'off' is the model itself: the eager Embedder.
+    assert make_embedder(eager, 'off') is eager and isinstance(eager, Embedder)
+    assert eager.backend == 'off' and eager.fallback_reason is None
+    fast = make_embedder(eager, 'jit')
+    assert fast.backend == 'jit' and fast.fallback_reason is None
+    assert (fast.config, fast.device, fast.precision) == (CONFIG, torch.device('cpu'), 'fp32')
+    out = fast.embed(images)
     assert torch.nn.functional.cosine_similarity(out, reference).min() > 0.999
-    plain = fast.to_runtime('cpu', 'fp32')   # and back to the eager path
-    assert plain._fast is None and torch.allclose(plain.encode_batch(images), reference,
-                                                  atol=1e-5)
+    assert torch.allclose(out.norm(dim=1), torch.ones(len(images)), atol=1e-5)
+    # The model itself is untouched: still the eager path.
+    assert torch.allclose(eager.encode_batch(images), reference, atol=1e-6)
+
+
+def test_the_model_module_does_not_import_the_fast_paths():
+    import subprocess
+    import sys
+    code = ('import sys, taco_cvgl.model.embedder; '
+            'print(sorted(m for m in sys.modules if m.startswith("taco_cvgl.inference")))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == '[]'
+
+
+def test_fingerprint_is_kept_until_a_weight_changes(images):
+    torch.manual_seed(0)
+    model = ImageRetrievalModel(CONFIG)
+    first = model.fingerprint()
+    moved = model.to_runtime('cpu', 'fp32')   # channels_last copies, the same values
+    assert moved.fingerprint() == first
+    bias = model.head[-1].bias
+    original = bias.detach().clone()
+    with torch.no_grad():
+        bias.add_(1e-3)                       # in place, as an optimiser step is
+    changed = model.fingerprint()
+    assert changed != first
+    # An independent recomputation: a fresh model given the same state.
+    fresh = ImageRetrievalModel(CONFIG)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.fingerprint() == changed
+    with torch.no_grad():
+        bias.copy_(original)                  # back to the first values
+    assert model.fingerprint() == first

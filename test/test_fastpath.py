@@ -14,7 +14,11 @@ from PIL import Image
 import pytest
 from taco_cvgl.errors import InputError, MismatchError
 from taco_cvgl.files.image_codec import load_image_file
-from taco_cvgl.inference import fastpath, gpu_decode, onnx_export
+from taco_cvgl.inference import gpu_decode, int8, onnx_export
+from taco_cvgl.inference.base import Embedder, MIN_COSINE, NetworkUnderAutocast
+from taco_cvgl.inference.cpu import find_cxx_compiler
+from taco_cvgl.inference.cuda_graph import FrameNetwork
+from taco_cvgl.inference.registry import make_embedder
 from taco_cvgl.model.config import ModelConfig
 from taco_cvgl.model.embedder import ImageRetrievalModel
 from taco_cvgl.model.preprocess import prepare_batch
@@ -57,14 +61,16 @@ def _top1(embeddings, places):
 
 def test_fast_path_gives_the_eager_embeddings(model, frames, cache_dir):
     places, views = frames
-    fast = fastpath.optimize(model, 'auto', cache_dir=cache_dir)
-    # On the CPU in fp32 'auto' is ONNX Runtime where installed, else the frozen TorchScript.
+    fast = make_embedder(model, 'auto', cache_dir=cache_dir)
+    # On the CPU in fp32 'auto' is int8 when given calibration images; without them it says
+    # so and takes ONNX Runtime where installed, else the frozen TorchScript.
     expected = 'onnxruntime' if onnx_export.onnxruntime_available() else 'jit'
-    assert fast.backend == expected and fast.fallback_reason is None
+    assert fast.backend == expected and 'calibration images' in fast.fallback_reason
+    assert isinstance(fast, Embedder) and fast.fingerprint() == model.fingerprint()
     reference = model.encode_batch(places + views)
     got = fast.encode_batch(places + views, batch_size=4)
     assert got.shape == reference.shape and got.dtype == torch.float32
-    assert float(F.cosine_similarity(got, reference).min()) >= fastpath.MIN_COSINE
+    assert float(F.cosine_similarity(got, reference).min()) >= MIN_COSINE
     assert torch.equal(_top1(got, places), _top1(reference, places))
     # A normalised batch through embed_tensor: the network alone, without preprocessing.
     batch = prepare_batch(places[:2], CONFIG, torch.device('cpu'))
@@ -76,12 +82,12 @@ def test_bf16_path_is_frozen_bf16_weights_within_the_cosine_bar(frames):
     places, views = frames
     torch.manual_seed(0)
     bf16 = ImageRetrievalModel(CONFIG).to_runtime('cpu', 'bf16')
-    fast = fastpath.optimize(bf16, 'auto')
+    fast = make_embedder(bf16, 'jit')
     assert fast.backend == 'jit' and fast.precision == 'bf16'
     torch.manual_seed(0)
     fp32 = ImageRetrievalModel(CONFIG).to_runtime('cpu', 'fp32')
     got, reference = fast.encode_batch(places + views), fp32.encode_batch(places + views)
-    assert float(F.cosine_similarity(got, reference).min()) >= fastpath.MIN_COSINE
+    assert float(F.cosine_similarity(got, reference).min()) >= MIN_COSINE
     assert torch.equal(_top1(got, places), _top1(reference, places))
 
 
@@ -96,64 +102,66 @@ def test_int8_backend_calibrated_on_map_images_keeps_the_embeddings(scene, frame
     # Calibration: map-like crops of the scene elsewhere than the test frames.
     map_images = [np.ascontiguousarray(scene.rgb[r:r + 256, c:c + 256])
                   for r in range(100, 1500, 350) for c in range(1500, 1900, 200)]
-    fast = fastpath.optimize(bf16, 'int8', calibration=map_images, cache_dir=tmp_path)
+    fast = make_embedder(bf16, 'int8', calibration_images=map_images, cache_dir=tmp_path)
     assert fast.backend == 'int8' and fast.fallback_reason is None
-    assert not fast._runner.from_cache
+    assert not fast.runner.from_cache
     got = fast.encode_batch(places + views, batch_size=3)   # batch sizes it was not built with
     expected = reference.encode_batch(places + views)
     # The product's bar. Top-1 is not compared: an untrained network embeds different places
     # nearly parallel, so rounding can flip which one is nearest.
-    assert float(F.cosine_similarity(got, expected).min()) >= fastpath.MIN_COSINE
+    assert float(F.cosine_similarity(got, expected).min()) >= MIN_COSINE
 
     # The compiled package is kept: the same weights and map load it instead of compiling.
-    package = fast._runner.path
+    package = fast.runner.path
     assert package.parent == tmp_path / 'int8' and package.is_file()
-    again = fastpath.optimize(bf16, 'int8', calibration=map_images, cache_dir=tmp_path)
-    assert again.backend == 'int8' and again._runner.from_cache
+    # 'auto' on the CPU is int8 first: the same package, loaded.
+    again = make_embedder(bf16, 'auto', calibration_images=map_images, cache_dir=tmp_path)
+    assert again.backend == 'int8' and again.runner.from_cache
     assert torch.equal(again.encode_batch(places + views, batch_size=3), got)
     # Anything the package depends on names another package: calibration, precision, threads.
-    batch = fastpath.calibration_batch(map_images, CONFIG)
-    assert fastpath.int8_package_path(bf16, 'bf16', batch, tmp_path) == package
-    assert fastpath.int8_package_path(bf16, 'bf16', batch[:-1], tmp_path) != package
-    assert fastpath.int8_package_path(bf16, 'fp32', batch, tmp_path) != package
+    batch = int8.calibration_batch(map_images, CONFIG)
+    assert int8.int8_package_path(bf16, 'bf16', batch, tmp_path) == package
+    assert int8.int8_package_path(bf16, 'bf16', batch[:-1], tmp_path) != package
+    assert int8.int8_package_path(bf16, 'fp32', batch, tmp_path) != package
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
-        assert fastpath.int8_package_path(bf16, 'bf16', batch, tmp_path) != package
+        assert int8.int8_package_path(bf16, 'bf16', batch, tmp_path) != package
     finally:
         torch.set_num_threads(threads)
 
     # A damaged package is compiled again over, not an error.
     package.write_bytes(b'not a package')
-    rebuilt = fastpath.optimize(bf16, 'int8', calibration=map_images, cache_dir=tmp_path)
-    assert rebuilt.backend == 'int8' and not rebuilt._runner.from_cache
+    rebuilt = make_embedder(bf16, 'int8', calibration_images=map_images, cache_dir=tmp_path)
+    assert rebuilt.backend == 'int8' and not rebuilt.runner.from_cache
     assert float(F.cosine_similarity(rebuilt.encode_batch(places + views),
-                                     expected).min()) >= fastpath.MIN_COSINE
+                                     expected).min()) >= MIN_COSINE
 
 
 def test_int8_without_calibration_falls_back_and_says_why(model, caplog):
-    with caplog.at_level(logging.WARNING, logger='taco_cvgl.inference.fastpath'):
-        fast = fastpath.optimize(model, 'int8')
+    with caplog.at_level(logging.WARNING, logger='taco_cvgl.inference'):
+        fast = make_embedder(model, 'int8')
     assert fast.backend == 'jit' and 'calibration images' in fast.fallback_reason
     assert 'calibration images' in caplog.text
-    assert len(fastpath.calibration_images(['/no/such/file.jpg'])) == 0
+    assert len(int8.calibration_images(['/no/such/file.jpg'])) == 0
 
 
 def test_uint8_resize_stays_within_one_grey_level(frames):
     places, _ = frames
     exact = prepare_batch(places[:2], CONFIG, torch.device('cpu'))
-    quick = fastpath.prepare_batch_uint8(places[:2], CONFIG)
+    quick = prepare_batch(places[:2], CONFIG, torch.device('cpu'), uint8_resize=True)
     std = torch.tensor(CONFIG.std).view(1, 3, 1, 1)
     # Normalised values differ by at most one grey level over the channel's std.
     assert float(((quick - exact).abs() * std).max()) <= 1.0 / 255 + 1e-6
     bgr = [np.ascontiguousarray(p[:, :, ::-1]) for p in places[:2]]
-    assert torch.equal(fastpath.prepare_batch_uint8(bgr, CONFIG, 'bgr'), quick)
+    assert torch.equal(prepare_batch(bgr, CONFIG, torch.device('cpu'), 'bgr', uint8_resize=True),
+                       quick)
 
 
 def test_forced_failure_falls_back_to_eager_with_a_warning(model, frames, caplog):
     places, _ = frames
-    with caplog.at_level(logging.WARNING, logger='taco_cvgl.inference.fastpath'):
-        fast = fastpath.optimize(model, 'onnxruntime', force_failure=True, uint8_resize=False)
+    with caplog.at_level(logging.WARNING, logger='taco_cvgl.inference'):
+        fast = make_embedder(model, 'onnxruntime', force_failure=True, uint8_resize=False)
     assert fast.backend == 'eager'
     assert 'onnxruntime' in fast.fallback_reason and 'forced' in fast.fallback_reason
     assert any('falling back' in r.getMessage() for r in caplog.records)
@@ -167,30 +175,30 @@ def test_compile_without_a_compiler_falls_back(model, monkeypatch, tmp_path):
     monkeypatch.setenv('PATH', str(tmp_path))
     monkeypatch.delenv('CXX', raising=False)
     monkeypatch.setattr(inductor_config.cpp, 'cxx', (None, 'no-such-compiler++'))
-    assert fastpath.find_cxx_compiler() is None
-    fast = fastpath.optimize(model, 'compile')
+    assert find_cxx_compiler() is None
+    fast = make_embedder(model, 'compile')
     assert fast.backend == 'eager' and 'C++ compiler' in fast.fallback_reason
 
 
 def test_cuda_graph_backend_refused_without_cuda(model):
     if CUDA:
         pytest.skip('this machine has CUDA: the refusal is for CPU-only machines')
-    fast = fastpath.optimize(model, 'cuda_graph')
+    fast = make_embedder(model, 'cuda_graph')
     assert fast.backend == 'eager' and 'CUDA' in fast.fallback_reason
 
 
 def test_unknown_backend_is_an_input_error(model):
     with pytest.raises(InputError, match='backend'):
-        fastpath.optimize(model, 'tensorrt')
+        make_embedder(model, 'tensorrt')
 
 
 def test_frame_network_preprocesses_as_prepare_batch(model, frames):
     # The module the GPU captures (uint8 frames in, embeddings out), checked here on the CPU.
     places, _ = frames
-    network = fastpath.NetworkUnderAutocast(model, torch.device('cpu'), 'fp32')
+    network = NetworkUnderAutocast(model, torch.device('cpu'), 'fp32')
     stacked = torch.from_numpy(np.stack([p[:, :, ::-1] for p in places[:3]]).copy())
     with torch.inference_mode():
-        got = fastpath.FrameNetwork(network, CONFIG, 'bgr')(stacked)
+        got = FrameNetwork(network, CONFIG, 'bgr')(stacked)
     assert torch.allclose(got, model.encode_batch(places[:3]), atol=1e-5)
 
 
@@ -199,15 +207,15 @@ def test_cuda_graphs_match_eager_on_gpu(frames):
     places, views = frames
     torch.manual_seed(0)
     gpu_model = ImageRetrievalModel(CONFIG).to_runtime('cuda', 'fp16')
-    fast = fastpath.optimize(gpu_model, 'cuda_graph', batch_sizes=(1, 2, 4))
+    fast = make_embedder(gpu_model, 'cuda_graph', batch_sizes=(1, 2, 4))
     assert fast.backend == 'cuda_graph'
     reference = gpu_model.encode_batch(places + views)
     for batch_size in (1, 3, 4, 9):  # captured, padded and chunked batch sizes
         got = fast.encode_batch(places + views, batch_size=batch_size)
-        assert float(F.cosine_similarity(got, reference).min()) >= fastpath.MIN_COSINE
+        assert float(F.cosine_similarity(got, reference).min()) >= MIN_COSINE
     bgr = [np.ascontiguousarray(p[:, :, ::-1]) for p in places]
     got = fast.encode_batch(bgr, color_order='bgr')
-    assert float(F.cosine_similarity(got, reference[:len(places)]).min()) >= fastpath.MIN_COSINE
+    assert float(F.cosine_similarity(got, reference[:len(places)]).min()) >= MIN_COSINE
 
 
 # ------------------------------------------------------------------------------------- ONNX

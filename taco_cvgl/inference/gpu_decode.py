@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 from taco_cvgl.errors import InputError
 from taco_cvgl.files.image_codec import check_image_header, load_image_file
+from taco_cvgl.model.preprocess import prepare_batch
 import torch
 
 JPEG_MAGIC = b'\xff\xd8\xff'
@@ -214,13 +215,12 @@ def embed_image_files(model, paths: Sequence[str], batch_size: int = 128, worker
                       on_batch: Optional[Callable[[int], None]] = None,
                       gpu_decode: bool = True) -> Tuple[np.ndarray, List[int]]:
     """
-    Embed image files with `model` (an ImageRetrievalModel or a FastEmbedder on its device).
+    Embed image files with `model` (an Embedder: the model or a fast backend, on its device).
 
     Returns (float32 NxD embeddings, indices into `paths` of the embedded files). An unreadable
     file raises InputError naming it, or is skipped (reported to on_skip(path, why)) with
     skip_bad. on_batch(n) is called after each batch with the number of files it held.
     """
-    from taco_cvgl.inference.fastpath import prepare_on_device
     device = torch.device(model.device)
     config = model.config
     chunks, kept = [], []
@@ -243,7 +243,7 @@ def embed_image_files(model, paths: Sequence[str], batch_size: int = 128, worker
                     continue
                 good.append((start + offset, image))
             if good:
-                batch = prepare_on_device([im for _, im in good], config, device)
+                batch = prepare_batch([im for _, im in good], config, device)
                 with torch.inference_mode():
                     chunks.append(model.embed_tensor(batch).float().cpu().numpy())
                 kept.extend(i for i, _ in good)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import warnings
 
 from taco_cvgl.errors import InputError, MismatchError, TacoError
+from taco_cvgl.inference.cpu import weights_copy
 from taco_cvgl.model.config import cache_dir_default
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,6 @@ def onnxruntime_available() -> bool:
 
 def _cpu_fp32_copy(model) -> torch.nn.Module:
     """Return an eval-mode fp32 copy of the network on the CPU (the runtime model untouched)."""
-    from taco_cvgl.inference.fastpath import weights_copy
     return weights_copy(model, torch.float32, torch.contiguous_format)
 
 
@@ -146,9 +146,8 @@ def _add_metadata(path: Path, model) -> None:
     except ImportError:
         return
     proto = onnx.load(str(path))
-    fingerprint = getattr(model, '_fingerprint_at_load', None) or model.fingerprint()
     entries = {'taco_cvgl.model_config': model.config.to_json(),
-               'taco_cvgl.fingerprint': fingerprint}
+               'taco_cvgl.fingerprint': model.fingerprint()}
     kept = [p for p in proto.metadata_props if p.key not in entries]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
@@ -227,12 +226,15 @@ def check_export(model, path, reference=None, batch_sizes: Sequence[int] = (1, 3
 
 
 def cache_path(model, cache_dir=None) -> Path:
-    """Return where `cached_export` keeps the export of this model (per weights and torch)."""
-    from taco_cvgl.inference.fastpath import weights_digest
+    """
+    Return where `cached_export` keeps the export of this model (per weights and torch).
+
+    Named by the fingerprint's first 16 digits, as exports cached before were.
+    """
     if cache_dir is None:
         cache_dir = cache_dir_default()
     h, w = model.config.input_size
-    name = f'{weights_digest(model)}-{h}x{w}-torch{torch.__version__.split("+")[0]}.onnx'
+    name = f'{model.fingerprint()[:16]}-{h}x{w}-torch{torch.__version__.split("+")[0]}.onnx'
     return Path(cache_dir) / 'onnx' / name
 
 

@@ -27,12 +27,15 @@ from taco_cvgl.files.image_codec import MAX_IMAGE_PIXELS
 DEVICE_PATTERN = (re.compile(r'auto|cpu|cuda(:\d+)?'), 'auto, cpu, cuda or cuda:N')
 # Autocast precisions of the model, by the names every entry point takes.
 PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
-# Inference backends by name (`fastpath.py`).
+# Inference backends by name (`taco_cvgl/inference/registry.py`; 'off': the eager model).
 FAST_PATHS = ('off', 'auto', 'cuda_graph', 'compile', 'onnxruntime', 'jit', 'int8', 'eager')
 # How the params file and the parameter descriptors mark a setting the running node applies.
 RUNTIME_NOTE = ' Changeable at run time (ros2 param set).'
 # The default yaw range of one camera, in degrees: any mounting angle, written either way round.
 _YAW_LIMIT_DEG = 360.0
+# A TF frame name: tf2 refuses a leading slash.
+_FRAME_PATTERN = (re.compile(r'[A-Za-z0-9_][A-Za-z0-9_./-]*'),
+                  'a TF frame name without a leading slash, e.g. base_link')
 
 
 def _param(description: str, low: Optional[float] = None, high: Optional[float] = None,
@@ -70,11 +73,12 @@ class NodeParams:
         'auto', 'Autocast precision of the model: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 '
         '(CUDA only) or bf16.', choices=PRECISIONS)
     fast_path: str = _field(
-        'off', 'Inference fast path (inference/fastpath.py): off, auto (CUDA graphs on a GPU, '
-        'ONNX Runtime or a frozen TorchScript on a CPU), or one backend (int8: static int8 on '
-        "the CPU, calibrated on the map's images, compiled once per weights and map and kept in "
-        '$TACO_CVGL_CACHE/int8; needs torchao and g++); each is checked against the eager '
-        'model at start and falls back with a warning.',
+        'auto', 'Inference fast path (taco_cvgl/inference/registry.py): off (the eager model), '
+        'auto (the fastest backend that passes its check here: CUDA graphs on a GPU; on a CPU '
+        "int8, static int8 calibrated on the map's images, where torchao and g++ are installed "
+        '(compiled once per weights, map and thread count, about a minute, then loaded from '
+        '$TACO_CVGL_CACHE/int8), else ONNX Runtime or a frozen TorchScript), or one backend by '
+        'name; each is checked against the eager model at start and falls back with a warning.',
         choices=FAST_PATHS)
     index: str = _field(
         'auto', 'Nearest-neighbour index over the database: auto (exact, or hnsw above 200k '
@@ -89,6 +93,14 @@ class NodeParams:
         "robot's forward axis, degrees counter-clockwise seen from above (REP-103): 90.0 looks "
         "left. Turns the matched camera heading into the robot's heading.",
         low=-_YAW_LIMIT_DEG, high=_YAW_LIMIT_DEG, runtime=True)
+    use_tf: bool = _field(
+        False, "Take each camera's mounting yaw and lever arm from TF (tf_base_frame -> the "
+        "image's header.frame_id, a REP-103 optical frame; see ros/extrinsics.py) instead of "
+        'camera_yaws_deg, which stays the fallback until the transform is available; the fixes '
+        'then give the position of tf_base_frame, not of the camera.')
+    tf_base_frame: str = _field(
+        'base_link', 'With use_tf: the body frame the camera transforms are looked up from and '
+        'the fixes refer to (set frame_id to the same frame).', pattern=_FRAME_PATTERN)
     camera_model: str = _field(
         'nadir', 'How the cameras look: nadir (straight down at north-up map tiles: with a '
         'heading prior the image is turned north-up before it is embedded, without one it is '

@@ -7,6 +7,9 @@ initial weights come from backbones.py.
 Weights are saved without pickle (safetensors, with the `ModelConfig` and a fingerprint in the
 header), so a weights file can be loaded safely from anywhere. The fingerprint is a hash of the
 config and every parameter: a database stores it and refuses a model that would embed differently.
+
+The model is itself the eager embedder (fast path 'off'); the faster backends wrap it
+(`taco_cvgl.inference.registry.make_embedder`) and offer the same inference calls.
 """
 
 from __future__ import annotations
@@ -142,7 +145,16 @@ def _shape_difference(expected: dict, stored: dict) -> str:
 
 
 class ImageRetrievalModel(nn.Module):
-    """A backbone embedder producing L2-normalised vectors of `config.embedding_dim`."""
+    """
+    A backbone embedder producing L2-normalised vectors of `config.embedding_dim`.
+
+    It offers the inference calls of `taco_cvgl.inference.base.Embedder` itself, as the
+    eager backend: `backend` is 'off' (the fast_path name that means this very model) and
+    nothing ever falls back.
+    """
+
+    backend = 'off'
+    fallback_reason: Optional[str] = None
 
     def __init__(self, config: Optional[ModelConfig] = None,
                  backbone_weights: Optional[str] = None):
@@ -173,15 +185,13 @@ class ImageRetrievalModel(nn.Module):
         return F.normalize(embedding.float(), dim=1)
 
     # ----------------------------------------------------------------------------- runtime
-    def to_runtime(self, device: str = 'auto', precision: str = 'auto',
-                   fast=False, calibration=None) -> 'ImageRetrievalModel':
+    def to_runtime(self, device: str = 'auto', precision: str = 'auto') -> 'ImageRetrievalModel':
         """
         Move to a device for inference: eval mode, channels_last and an autocast precision.
 
         device 'auto' picks CUDA when present. precision 'auto' is fp16 autocast on CUDA and fp32
-        on CPU (bf16 on CPU is faster where the CPU supports it; choose it explicitly). fast:
-        True or a backend name swaps in the checked fast path (fastpath.py); calibration:
-        images for its int8 backend.
+        on CPU (bf16 on CPU is faster where the CPU supports it; choose it explicitly). A faster
+        backend wraps the model afterwards: `taco_cvgl.inference.registry.make_embedder`.
         """
         if device == 'auto':
             device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -195,13 +205,11 @@ class ImageRetrievalModel(nn.Module):
         if precision == 'fp16' and self.device.type == 'cpu':
             raise InputError('fp16 autocast is for CUDA; on CPU use bf16 or fp32')
         self.precision = precision
+        known = self._known_fingerprint()
         self.to(self.device, memory_format=torch.channels_last)
         self.eval()
-        self._fast = None
-        if fast:  # True: the best backend this machine has; or a backend name (fastpath.py)
-            from taco_cvgl.inference.fastpath import optimize
-            self._fast = optimize(self, 'auto' if fast is True else fast,
-                                  calibration=calibration)
+        if known:  # moving copies the same values: the fingerprint still holds
+            self._fingerprint_cache = (self._weights_key(), known)
         return self
 
     def _autocast(self):
@@ -213,8 +221,6 @@ class ImageRetrievalModel(nn.Module):
     @torch.inference_mode()
     def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """Embed an already-normalised batch on the model's device; returns float32 BxD."""
-        if getattr(self, '_fast', None) is not None:
-            return self._fast.embed_tensor(batch)
         batch = batch.to(self.device, non_blocking=True).contiguous(
             memory_format=torch.channels_last)
         with self._autocast():
@@ -225,8 +231,6 @@ class ImageRetrievalModel(nn.Module):
         """Embed images (numpy HxWx3 uint8, PIL images or 3xHxW tensors) -> float32 NxD."""
         if self.training:
             raise TacoError('encode_batch needs eval mode: call model.to_runtime() or .eval()')
-        if getattr(self, '_fast', None) is not None:
-            return self._fast.encode_batch(images, batch_size, color_order, keep_on_device)
         chunks = []
         for start in range(0, len(images), batch_size):
             batch = prepare_batch(images[start:start + batch_size], self.config, self.device,
@@ -240,6 +244,12 @@ class ImageRetrievalModel(nn.Module):
     def encode_image(self, image, color_order: str = 'rgb') -> torch.Tensor:
         """Embed one image -> float32 vector of length D (on the CPU)."""
         return self.encode_batch([image], color_order=color_order)[0]
+
+    def embed(self, images, color_order: str = 'rgb') -> torch.Tensor:
+        """Embed images (as `encode_batch`) or a normalised Bx3xHxW float batch -> NxD."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return self.embed_tensor(images)
+        return self.encode_batch(images, color_order=color_order)
 
     @staticmethod
     def compute_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -261,14 +271,41 @@ class ImageRetrievalModel(nn.Module):
 
     # ----------------------------------------------------------------------------- identity
     def fingerprint(self) -> str:
-        """Return a hash of the config and every parameter and buffer (as float32 bytes)."""
+        """
+        Return a hash of the config and every parameter and buffer (as float32 bytes).
+
+        The one identity of a set of weights: databases, ONNX files and the fast paths' caches
+        are keyed by it. Hashing ConvNeXt-Tiny's weights takes a few hundred milliseconds, so
+        the value is kept until a tensor changes (autograd's version counters see in-place
+        updates such as optimiser steps and load_state_dict; writes through `.data` bypass
+        them).
+        """
+        known = self._known_fingerprint()
+        if known:
+            return known
         digest = hashlib.blake2b(self.config.to_json().encode(), digest_size=16)
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
             if tensor.dtype.is_floating_point:
                 tensor = tensor.float()
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        self._fingerprint_cache = (self._weights_key(), digest.hexdigest())
+        return self._fingerprint_cache[1]
+
+    def _weights_key(self) -> Optional[tuple]:
+        """Return what changes whenever a weight does (None where it cannot be told)."""
+        try:
+            return (self.config,) + tuple((t.data_ptr(), t._version, t.dtype, str(t.device))
+                                          for t in self.state_dict().values())
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+
+    def _known_fingerprint(self) -> Optional[str]:
+        """Return the kept fingerprint while the weights are those it was computed on."""
+        cache = self.__dict__.get('_fingerprint_cache')
+        if cache is None or cache[0] is None or cache[0] != self._weights_key():
+            return None
+        return cache[1]
 
     # ----------------------------------------------------------------------------- files
     def save(self, path: Union[str, Path], dtype: str = 'fp16') -> str:
@@ -327,7 +364,6 @@ class ImageRetrievalModel(nn.Module):
         fingerprint = model.fingerprint()
         if metadata.get('fingerprint') and metadata['fingerprint'] != fingerprint:
             raise MismatchError(f'weights {path} are corrupt: their fingerprint does not match')
-        model._fingerprint_at_load = fingerprint
         return model.to_runtime(device, precision)
 
     @classmethod
