@@ -1,6 +1,7 @@
 # Development entry points. `make setup` builds .venv from nothing (fast when nothing changed).
 #   make demo   set up, then run the built-in demo on real Landsat-8 imagery
 #   make test   set up, then run the whole test suite (what CI runs)
+#   make test-fast  set up, then run the unit tier only (no node processes, training or demo)
 #   make bench  set up, then measure speed against the plain fp32 baseline
 #   make lint   flake8 and pep257 as ament runs them
 
@@ -9,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.taco-requirements
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-fast bench lint clean
 
 setup: $(STAMP) $(VENV)/.taco-install
 	@bash scripts/build_interfaces.sh $(VENV)
@@ -35,6 +36,9 @@ demo: setup
 
 test: setup
 	TACO_REQUIRE_GEOGRAPHIC_MSGS=1 $(PY) -m pytest -q test
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration and not e2e" test
 
 bench: setup
 	$(PY) benchmarks/bench.py

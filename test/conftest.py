@@ -26,6 +26,13 @@ def scene():
     return load_scene()
 
 
+def brute_force_topk(queries, embeddings, k):
+    """Return the exact top-k by numpy in float64, the reference (ties: lower index first)."""
+    sim = np.asarray(queries, np.float64) @ np.asarray(embeddings, np.float64).T
+    order = np.argsort(-sim, axis=1, kind='stable')[:, :k]
+    return order, np.take_along_axis(sim, order, axis=1)
+
+
 def place_centres(scene, count, shape=PLACE_SHAPE, min_apart_px=250, seed=0):
     """Return `count` pixel centres (col, row), min_apart_px apart, whose crop is fully valid."""
     rng = np.random.default_rng(seed)

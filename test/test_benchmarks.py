@@ -116,7 +116,7 @@ def test_the_package_installs_no_benchmark(monkeypatch):
     assert not [name for name in installed if 'bench' in name], installed
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_map_scaling_quick_on_a_small_map(small_map, tmp_path):
     out = tmp_path / 'map_scaling.json'
     run = subprocess.run([sys.executable, 'benchmarks/map_scaling.py', '--quick',

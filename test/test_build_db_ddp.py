@@ -36,7 +36,7 @@ def assert_same_database(got, want):
         {k: v for k, v in want.meta.items() if k != 'created'}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_process_ddp_build_equals_the_single_process_build(small_map, tmp_path):
     want = single_process(small_map, tmp_path / 'single.npz')
     out = tmp_path / 'maps' / 'map.npz'
@@ -54,7 +54,7 @@ def test_two_process_ddp_build_equals_the_single_process_build(small_map, tmp_pa
     print(f'2-process CPU DDP build of 8 images: {seconds:.1f} s')
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_spawned_build_refuses_or_skips_unreadable_images_as_one_process_does(
         small_map, tmp_path, capsys):
     broken = tmp_path / 'broken.jpg'

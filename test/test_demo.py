@@ -12,7 +12,7 @@ from taco_cvgl.geo.geodesy import angle_difference_deg
 from taco_cvgl.mapdb.database import EmbeddingDatabase
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_demo_pipeline_reduced(tmp_path):
     out = tmp_path / 'demo'
     run = subprocess.run(

@@ -18,7 +18,7 @@ from taco_cvgl.inference import gpu_decode, int8, onnx_export
 from taco_cvgl.inference.base import Embedder, MIN_COSINE, NetworkUnderAutocast
 from taco_cvgl.inference.cpu import find_cxx_compiler
 from taco_cvgl.inference.cuda_graph import FrameNetwork
-from taco_cvgl.inference.registry import make_embedder
+from taco_cvgl.inference.registry import make_embedder, upgrade_in_background
 from taco_cvgl.model.config import ModelConfig
 from taco_cvgl.model.embedder import ImageRetrievalModel
 from taco_cvgl.model.preprocess import prepare_batch
@@ -91,6 +91,7 @@ def test_bf16_path_is_frozen_bf16_weights_within_the_cosine_bar(frames):
     assert torch.equal(_top1(got, places), _top1(reference, places))
 
 
+@pytest.mark.integration
 def test_int8_backend_calibrated_on_map_images_keeps_the_embeddings(scene, frames, tmp_path):
     """Static int8 (+ bf16 elsewhere), calibrated on map images, then run on other images."""
     places, views = frames
@@ -102,6 +103,10 @@ def test_int8_backend_calibrated_on_map_images_keeps_the_embeddings(scene, frame
     # Calibration: map-like crops of the scene elsewhere than the test frames.
     map_images = [np.ascontiguousarray(scene.rgb[r:r + 256, c:c + 256])
                   for r in range(100, 1500, 350) for c in range(1500, 1900, 200)]
+    # auto does not wait for a compiler: without the package it takes the next backend.
+    quick = make_embedder(bf16, 'auto', calibration_images=map_images, cache_dir=tmp_path,
+                          compile_int8=False)
+    assert quick.backend != 'int8' and 'not compiled yet' in quick.fallback_reason
     fast = make_embedder(bf16, 'int8', calibration_images=map_images, cache_dir=tmp_path)
     assert fast.backend == 'int8' and fast.fallback_reason is None
     assert not fast.runner.from_cache
@@ -115,9 +120,15 @@ def test_int8_backend_calibrated_on_map_images_keeps_the_embeddings(scene, frame
     package = fast.runner.path
     assert package.parent == tmp_path / 'int8' and package.is_file()
     # 'auto' on the CPU is int8 first: the same package, loaded.
-    again = make_embedder(bf16, 'auto', calibration_images=map_images, cache_dir=tmp_path)
+    again = make_embedder(bf16, 'auto', calibration_images=map_images, cache_dir=tmp_path,
+                          compile_int8=False)
     assert again.backend == 'int8' and again.runner.from_cache
     assert torch.equal(again.encode_batch(places + views, batch_size=3), got)
+    # The background upgrade hands its embedder over once built (here: from the cache).
+    installed, said = [], []
+    upgrade_in_background(bf16, map_images, installed.append, said.append,
+                          cache_dir=tmp_path).join(timeout=120)
+    assert [e.backend for e in installed] == ['int8'] and 'switched to int8' in said[0]
     # Anything the package depends on names another package: calibration, precision, threads.
     batch = int8.calibration_batch(map_images, CONFIG)
     assert int8.int8_package_path(bf16, 'bf16', batch, tmp_path) == package

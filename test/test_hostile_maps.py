@@ -9,6 +9,7 @@ import re
 import shutil
 import zipfile
 
+from conftest import brute_force_topk
 import numpy as np
 import pytest
 from taco_cvgl.cli.build_db import main as build_db_main
@@ -16,7 +17,7 @@ from taco_cvgl.errors import InputError, TacoError
 from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
 from taco_cvgl.localization.rerank import RerankConfig
 from taco_cvgl.mapdb.database import build_database, EmbeddingDatabase, read_csv
-from taco_cvgl.mapdb.search import brute_force_topk, make_index
+from taco_cvgl.mapdb.search import make_index
 from taco_cvgl.model.embedder import ImageRetrievalModel
 import torch
 

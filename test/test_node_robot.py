@@ -32,6 +32,9 @@ from taco_cvgl.ros.spinning import BackgroundSpinner
 from test_node import (diagnostics_of, Listener, log_of, new_domain, process_env,
                        start_node, START_TIMEOUT_S, stop, with_stamp)
 
+# Tier (README, "Tests"): node processes over real DDS.
+pytestmark = pytest.mark.integration
+
 NODE = 'cvgl_r'
 CAMERA = '/r/camera'
 # Verified heading: RerankConfig.heading_sigma_deg (2 deg) as a variance in rad^2.

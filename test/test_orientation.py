@@ -149,6 +149,7 @@ def imu_msg(sec, quaternion):
     return msg
 
 
+@pytest.mark.integration
 def test_node_takes_priors_from_the_topic_and_outlives_bad_ones(small_map, tmp_path):
     """
     A good Imu gives its frame a prior, a NaN one is counted and skipped, frames go on.

@@ -1,17 +1,11 @@
 """Exact and approximate search against a numpy brute force."""
 
+from conftest import brute_force_topk
 import faiss
 import numpy as np
 import pytest
 from taco_cvgl.errors import InputError
 from taco_cvgl.mapdb.search import ExactIndex, FaissIndex, make_index
-
-
-def brute_force_topk(queries, embeddings, k):
-    """Return the exact top-k by numpy in float64, the reference (ties: lower index first)."""
-    sim = np.asarray(queries, np.float64) @ np.asarray(embeddings, np.float64).T
-    order = np.argsort(-sim, axis=1, kind='stable')[:, :k]
-    return order, np.take_along_axis(sim, order, axis=1)
 
 
 def recall_at_k(found, truth, k):

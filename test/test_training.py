@@ -132,7 +132,7 @@ def trained(data, tmp_path_factory):
     return result
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_training_improves_heldout_recall(trained, data):
     torch.manual_seed(SEED)
     config = ModelConfig(input_size=(64, 64), normalization='imagenet')
@@ -148,7 +148,7 @@ def test_training_improves_heldout_recall(trained, data):
     assert trained.metrics['best val/recall@1'] >= trained.initial_metrics['val/recall@1'] + 0.08
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_checkpoint_and_export_round_trip(trained, data, tmp_path):
     for path in (trained.best_checkpoint, trained.last_checkpoint):
         ckpt = torch.load(str(path), map_location='cpu', weights_only=True)
@@ -175,7 +175,7 @@ def test_checkpoint_and_export_round_trip(trained, data, tmp_path):
     db.check_model(from_file.fingerprint(), from_file.config)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_run_directory_and_tensorboard(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = trained.out_dir
@@ -198,6 +198,7 @@ def _checkpoint(path):
     return torch.load(str(path), map_location='cpu', weights_only=True)
 
 
+@pytest.mark.integration
 def test_resume_after_an_interrupted_run(small, tmp_path):
     out = tmp_path / 'run'
     fast = {**FAST, 'val_csv': None}
@@ -230,6 +231,7 @@ def test_resume_after_an_interrupted_run(small, tmp_path):
         assert distance_m(a.latitude, a.longitude, n.latitude, n.longitude) > 100.0
 
 
+@pytest.mark.integration
 def test_kill_then_resume_from_a_step_checkpoint(data, tmp_path):
     """A run killed mid-epoch resumes from its latest step checkpoint (SIGKILL, no cleanup)."""
     import subprocess
@@ -271,6 +273,7 @@ def test_kill_then_resume_from_a_step_checkpoint(data, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI, example
+@pytest.mark.integration
 def test_cli_config_file_flags_and_errors(small, tmp_path, capsys):
     config = tmp_path / 'train.yaml'
     config.write_text(f'train_dir: {small / "train"}\n'
@@ -320,6 +323,7 @@ def test_missing_images_in_a_triplet_file_stop_or_are_skipped(small, tmp_path):
     assert result.skipped_triplets == 1 and result.weights.is_file()
 
 
+@pytest.mark.integration
 def test_example_script_runs(small, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', ['train_example.py', str(small), '--out', str(tmp_path),
                                       '--epochs', '1', '--input-px', '32'])
@@ -332,6 +336,7 @@ def test_example_script_runs(small, tmp_path, monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------- pretrained start
+@pytest.mark.integration
 def test_auto_fine_tunes_lite2_from_its_wheel_with_batchnorm_frozen(small, tmp_path,
                                                                     monkeypatch):
     """No torchvision file cached: auto takes Lite2's wheel; one step leaves BN statistics be."""

@@ -235,6 +235,14 @@ def calibration_images(paths: Sequence[str], count: int = INT8_CALIBRATION_IMAGE
     return images
 
 
+def is_cached(request: BuildRequest) -> bool:
+    """Return whether the request's int8 package is in the cache (so building it is quick)."""
+    if request.device.type != 'cpu' or request.calibration is None:
+        return False
+    return int8_package_path(request.model, request.precision, request.calibration,
+                             request.cache_dir).is_file()
+
+
 def build(request: BuildRequest) -> Int8Runner:
     """Return the int8 package of the request's model and calibration (CPU only)."""
     if request.device.type != 'cpu':

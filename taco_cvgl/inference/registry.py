@@ -28,7 +28,10 @@ eager. The embedder's `backend` says what runs, `fallback_reason` why a requeste
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+import os
+import threading
+import time
+from typing import Callable, List, Optional, Sequence
 
 from taco_cvgl.errors import first_line, InputError, TacoError
 from taco_cvgl.inference import cuda_graph, eager, int8, jit, onnx_runtime, torch_compile
@@ -59,7 +62,7 @@ FALLBACKS = {'compile': ('cuda_graph',), 'cuda_graph': (), 'onnxruntime': ('jit'
 def make_embedder(model, fast_path: str = 'auto', calibration_images: Optional[Sequence] = None,
                   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, check: bool = True,
                   force_failure: bool = False, cache_dir=None,
-                  uint8_resize: bool = True) -> Embedder:
+                  uint8_resize: bool = True, compile_int8: bool = True) -> Embedder:
     """
     Return an Embedder of a model placed by `to_runtime`, through the fast path named.
 
@@ -68,7 +71,9 @@ def make_embedder(model, fast_path: str = 'auto', calibration_images: Optional[S
     takes; up to int8.INT8_CALIBRATION_IMAGES of them, evenly spread) for the int8 backend.
     force_failure makes every backend but eager fail as if it could not be built (to test the
     fallback on any machine). uint8_resize (CPU) resizes camera frames on uint8 pixels,
-    within one grey level of `prepare_batch`'s float resize.
+    within one grey level of `prepare_batch`'s float resize. compile_int8 False: int8 is
+    taken only when its package is cached already (compiling it takes a minute or two; see
+    `upgrade_in_background`), else the chain goes on.
     """
     if fast_path == 'off':
         return model
@@ -85,6 +90,9 @@ def make_embedder(model, fast_path: str = 'auto', calibration_images: Optional[S
         if name == 'int8' and calibration_images is not None and len(calibration_images) \
                 and request.calibration is None:
             request.calibration = int8.calibration_batch(calibration_images, model.config)
+        if name == 'int8' and not compile_int8 and not int8.is_cached(request):
+            reasons.append('int8: not compiled yet for these weights, map and thread count')
+            continue
         runner = _built(name, request, check, force_failure, reasons)
         if runner is not None:
             break
@@ -139,3 +147,34 @@ def check_runner(runner, request: BuildRequest) -> float:
         raise FastPathError(f'embeddings differ from eager fp32: cosine {cosine:.6f} '
                             f'< {MIN_COSINE}')
     return cosine
+
+
+def upgrade_in_background(model, calibration_images: Sequence, install: Callable[[Embedder], None],
+                          report: Callable[[str], None], cache_dir=None) -> threading.Thread:
+    """
+    Compile the int8 backend in a daemon thread; hand it to `install` once built and checked.
+
+    For a long-running localizer (the node) that started on a quicker backend because int8
+    was not cached: frames keep flowing meanwhile, and the next start loads the package from
+    the cache. The thread runs at a lower CPU priority (Linux: per thread; compiler processes
+    inherit it). report(message) says what happened, success or not.
+    """
+    def run():
+        started = time.monotonic()
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):   # not Linux, or not allowed: normal priority
+            pass
+        embedder = make_embedder(model, 'int8', calibration_images=calibration_images,
+                                 cache_dir=cache_dir)
+        if embedder.backend != 'int8':
+            report(f'fast path: int8 could not be built ({embedder.fallback_reason}); '
+                   f'staying on the current backend')
+            return
+        install(embedder)
+        report(f'fast path: switched to int8, compiled in {time.monotonic() - started:.0f} s '
+               f'and cached for the next start')
+
+    thread = threading.Thread(target=run, name='taco-cvgl-int8-build', daemon=True)
+    thread.start()
+    return thread

@@ -188,6 +188,7 @@ class CVGLLocalizer:
         self.reranker: Optional[Reranker] = None
         self._enu = None          # database places in a local ENU frame (for the prior)
         self.track = ConstantVelocityTrack(config.track_config())
+        self.upgrade = None       # the thread compiling a faster backend (from_settings)
         self._fingerprint = model.fingerprint()
 
     @classmethod
@@ -200,12 +201,15 @@ class CVGLLocalizer:
         return localizer
 
     @classmethod
-    def from_settings(cls, params) -> 'CVGLLocalizer':
+    def from_settings(cls, params, report_upgrade=None) -> 'CVGLLocalizer':
         """
         Load the localizer a `settings.NodeParams` describes: weights, map, fast path, warm-up.
 
         What the node, `taco-cvgl localize` and `evaluate` all call. Errors name the setting
-        and the file.
+        and the file. fast_path auto takes int8 only when its package is cached; otherwise it
+        starts on the next backend of the chain and, with report_upgrade (a callable taking a
+        message: a long-running caller such as the node), compiles int8 in the background and
+        switches to it, so that a start never waits minutes for a compiler.
         """
         from taco_cvgl.localization.settings import localizer_config
 
@@ -238,7 +242,14 @@ class CVGLLocalizer:
             if params.fast_path in ('auto', 'int8'):  # int8 ranges measured on the map's images
                 calibration = calibration_images(localizer.database.image_ids)
             localizer.model = make_embedder(model, params.fast_path,
-                                            calibration_images=calibration)
+                                            calibration_images=calibration,
+                                            compile_int8=params.fast_path != 'auto')
+            if report_upgrade is not None and params.fast_path == 'auto' and \
+                    localizer.model.device.type == 'cpu' and localizer.model.backend != 'int8':
+                from taco_cvgl.inference.registry import upgrade_in_background
+                localizer.upgrade = upgrade_in_background(
+                    model, calibration, lambda embedder: setattr(localizer, 'model', embedder),
+                    report_upgrade)
         localizer.warm_up()
         return localizer
 

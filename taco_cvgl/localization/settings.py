@@ -76,9 +76,11 @@ class NodeParams:
         'auto', 'Inference fast path (taco_cvgl/inference/registry.py): off (the eager model), '
         'auto (the fastest backend that passes its check here: CUDA graphs on a GPU; on a CPU '
         "int8, static int8 calibrated on the map's images, where torchao and g++ are installed "
-        '(compiled once per weights, map and thread count, about a minute, then loaded from '
-        '$TACO_CVGL_CACHE/int8), else ONNX Runtime or a frozen TorchScript), or one backend by '
-        'name; each is checked against the eager model at start and falls back with a warning.',
+        'and its package is compiled, else ONNX Runtime or a frozen TorchScript; the node then '
+        'compiles int8 in the background, one to two minutes once per weights, map and thread '
+        'count, switches to it and keeps it in $TACO_CVGL_CACHE/int8 for the next start), or '
+        'one backend by name (int8: compiled at start if not cached); each is checked against '
+        'the eager model when built and falls back with a warning.',
         choices=FAST_PATHS)
     index: str = _field(
         'auto', 'Nearest-neighbour index over the database: auto (exact, or hnsw above 200k '

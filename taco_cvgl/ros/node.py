@@ -136,9 +136,12 @@ class CVGLCore(FrameWork, RuntimeChanges, Diagnostics):
                         for t in p.image_topics]
         self._latest = [None] * len(self._topics)
         from taco_cvgl.localization.localizer import CVGLLocalizer  # torch: after checks
-        self.localizer = CVGLLocalizer.from_settings(p)
+        self.localizer = CVGLLocalizer.from_settings(p, report_upgrade=self.get_logger().info)
         embedder = self.localizer.model   # the model, or a fast backend around it
-        if embedder.fallback_reason:
+        if self.localizer.upgrade is not None:
+            self.get_logger().info(f'fast path: {embedder.backend} until int8 is compiled, in '
+                                   f'the background (once per weights, map and thread count)')
+        elif embedder.fallback_reason:
             self.get_logger().warning(f'fast path: fell back to {embedder.backend} '
                                       f'({embedder.fallback_reason})')
 
