@@ -254,6 +254,7 @@ def show(system, jpeg):
         with_stamp(imus, stamp)[0]
 
 
+@pytest.mark.integration
 def test_node_takes_the_camera_mount_from_a_static_transform(tf_system, small_map):
     """
     Without TF the node uses camera_yaws_deg (0) and says so once; then TF's mount is used.

@@ -8,10 +8,14 @@ config/cvgl.yaml` plus `-p` overrides):
   geographic_msgs hidden (a robot without ros-$DISTRO-geographic-msgs).
 A third process publishes the 640x480 camera images over SensorDataQoS, as a camera driver would;
 this process listens to the outputs. Every process gets config/fastdds_shm.xml through
-FASTDDS_DEFAULT_PROFILES_FILE: without it Fast DDS drops such images between processes, which
-test_fastdds_profile_lets_camera_images_through shows. The weights are random (tests/conftest.py),
-so the nodes use top_k 1 and retrieval only (rerank false, against the default): a place's own
-image then retrieves exactly that place, and each published value equals the core's.
+FASTDDS_DEFAULT_PROFILES_FILE, as the launch file sets it: with Fast DDS' defaults (512 KiB
+shared-memory segments) most such images are lost between processes, silently (0 to 13 of 40 got
+through here), with the profile all of them arrive (benchmarks/fastdds_images.py measures both,
+docs/PERFORMANCE.md has the figures); test_fastdds_profile_lets_camera_images_through checks the
+profile's side. The SIGTERM/SIGINT test starts node processes of its own. The weights are random
+(test/conftest.py), so the nodes use top_k 1 and retrieval only (rerank false, against the
+default): a place's own image then retrieves exactly that place, and each published value equals
+the core's.
 """
 
 import json
@@ -40,6 +44,9 @@ from taco_cvgl.model.config import ModelConfig
 from taco_cvgl.model.embedder import ImageRetrievalModel
 from taco_cvgl.ros import params as node_params
 from taco_cvgl.ros.messages import UNKNOWN_ANGLE_VARIANCE
+
+# Tier (README, "Tests"): node processes over real DDS.
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'config' / 'cvgl.yaml'
@@ -101,17 +108,17 @@ for line in sys.stdin:
     print('done', flush=True)
 """
 
-# For the Fast DDS test: a best-effort subscriber that counts 640x480 images until its stdin
-# closes, and a publisher that sends argv[1] of them at 20 Hz once matched. The subscriber keeps
-# a deep history so that a process starved of CPU loses no image to its own queue: what is lost
-# is lost in transport.
+# For the Fast DDS test: a best-effort subscriber that counts 640x480 images on topic argv[1]
+# until its stdin closes, and a publisher that sends argv[2] of them to topic argv[1] at 20 Hz
+# once matched. The subscriber keeps a deep history so that a process starved of CPU loses no
+# image to its own queue: what is lost is lost in transport.
 PROBE_SUB = r"""
 import sys, threading, rclpy
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 rclpy.init(); node = rclpy.create_node('probe_sub'); got = []
 qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
-node.create_subscription(Image, 'probe', lambda m: got.append(1), qos)
+node.create_subscription(Image, sys.argv[1], lambda m: got.append(1), qos)
 reader = threading.Thread(target=sys.stdin.read, daemon=True)
 reader.start()
 while reader.is_alive():
@@ -123,13 +130,13 @@ import sys, time, rclpy
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 rclpy.init(); node = rclpy.create_node('probe_pub')
-pub = node.create_publisher(Image, 'probe', qos_profile_sensor_data)
+pub = node.create_publisher(Image, sys.argv[1], qos_profile_sensor_data)
 end = time.monotonic() + 60.0
 while pub.get_subscription_count() == 0 and time.monotonic() < end:
     time.sleep(0.05)
 time.sleep(0.5)
 msg = Image(height=480, width=640, encoding='rgb8', step=640 * 3, data=bytes(480 * 640 * 3))
-for _ in range(int(sys.argv[1])):
+for _ in range(int(sys.argv[2])):
     pub.publish(msg); time.sleep(0.05)
 print('matched', pub.get_subscription_count(), flush=True)
 """
@@ -153,9 +160,15 @@ def process_env(domain: str, profile: bool = True, pythonpath=()) -> dict:
 
 
 def start_node(name, ros_args, env, log_path):
-    """Start `python -m taco_cvgl.ros.node` with the params file, as the launch file does."""
+    """
+    Start `python -m taco_cvgl.ros.node` with the params file, as the launch file does.
+
+    The eager model unless ros_args name a fast_path: the shipped auto would compile int8 in
+    the background of every test node, a minute or two of CPU each (node B tests int8).
+    """
+    fast = [] if any('fast_path:=' in a for a in ros_args) else ['-p', 'fast_path:=off']
     cmd = [sys.executable, '-m', 'taco_cvgl.ros.node', '--ros-args', '-r', f'__node:={name}',
-           '--params-file', str(CONFIG), *ros_args]
+           '--params-file', str(CONFIG), *fast, *ros_args]
     log = open(log_path, 'w')
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log_path = log_path
@@ -489,7 +502,7 @@ def test_diagnostics_report_rates_latency_and_device(system):
         assert key in values, key
     assert values['device'] == 'cpu' and values['_hardware_id'] == 'cpu'
     assert values['precision'] == 'fp32'
-    assert values['fast_path'] == 'off'   # the default: the eager model
+    assert values['fast_path'] == 'off'   # start_node's: the eager model
     assert int(values['database_places']) == len(system.map.places)
     assert float(values['confidence']) == 1.0  # top_k 1: one neighbour holds all the weight
     assert float(values['input_rate_hz']) > 0
@@ -591,40 +604,59 @@ def test_start_errors_name_the_parameter_and_file(small_map, tmp_path):
 
 def test_fastdds_profile_lets_camera_images_through():
     """
-    Why config/fastdds_shm.xml exists: 640x480 images over best effort between processes.
+    With config/fastdds_shm.xml, 640x480 images cross processes over best effort: >= 90 % arrive.
 
-    With Fast DDS defaults (512 KiB shared-memory segments) the subscriber gets almost none of
-    the 40 images, silently; with the profile it gets (nearly) all. Each pair has its own domain.
+    That is what the profile is for. Without it the count depends on Fast DDS' version and the
+    machine, so it is measured (benchmarks/fastdds_images.py), not asserted.
     """
     count = 40
-    results, procs = {}, {}
-    for profile in (False, True):
-        env = process_env(new_domain(), profile=profile)
-        sub = subprocess.Popen([sys.executable, '-c', PROBE_SUB], env=env, text=True,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
-        pub = subprocess.Popen([sys.executable, '-c', PROBE_PUB, str(count)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        procs[profile] = (sub, pub)
+    env = process_env(new_domain(), profile=True)
+    topic = f'probe_{os.getpid()}'  # a domain shared by chance with another run stays apart
+    sub = subprocess.Popen([sys.executable, '-c', PROBE_SUB, topic], env=env, text=True,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL)
+    pub = subprocess.Popen([sys.executable, '-c', PROBE_PUB, topic, str(count)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        for profile, (sub, pub) in procs.items():
-            matched = pub.communicate(timeout=90)[0]
-            assert 'matched 1' in matched, f'publisher never matched (profile={profile})'
+        assert 'matched 1' in pub.communicate(timeout=90)[0], 'the publisher never matched'
         time.sleep(1.0)  # the last images in flight
-        for profile, (sub, pub) in procs.items():
-            results[profile] = int(sub.communicate('', timeout=30)[0].split()[-1])
+        received = int(sub.communicate('', timeout=30)[0].split()[-1])
     finally:
-        for pair in procs.values():
-            for proc in pair:
-                stop(proc)
-    assert results[True] >= 0.9 * count, results
-    assert results[False] <= 0.5 * count, results
+        for proc in (sub, pub):
+            stop(proc)
+    assert received >= 0.9 * count, f'{received} of {count} images arrived'
 
 
-def test_sigterm_stops_the_node_cleanly(system):
-    """SIGTERM (what ros2 launch sends) or SIGINT end the node: exit code 0, no traceback."""
-    system.b.send_signal(signal.SIGTERM)
-    system.a.send_signal(signal.SIGINT)
-    for proc in (system.a, system.b):
-        assert proc.wait(timeout=30.0) == 0, log_of(proc)  # no second signal: that would kill
-        assert 'Traceback' not in log_of(proc)
+def test_sigterm_stops_the_node_cleanly(small_map, tmp_path):
+    """
+    SIGTERM (what ros2 launch sends) or SIGINT end a running node: exit code 0, no traceback.
+
+    Two node processes of its own, so the module's shared nodes are not touched and the test
+    runs in any order; each is signalled once it spins (publishes diagnostics).
+    """
+    domain = new_domain()
+    env = process_env(domain)
+    signals = {'cvgl_term': signal.SIGTERM, 'cvgl_int': signal.SIGINT}
+    args = ['-p', f'weights:={small_map.weights}', '-p', f'database:={small_map.db}',
+            '-p', 'device:=cpu', '-p', 'diagnostics_period_s:=0.5']
+    procs = {name: start_node(name, args, env, tmp_path / f'{name}.log') for name in signals}
+    listener = Listener(domain)
+    listener.listen(DiagnosticArray, '/diagnostics')
+
+    def running():
+        for name, proc in procs.items():
+            assert proc.poll() is None, f'{name} exited at start:\n{log_of(proc)}'
+        seen = {s.name for m in listener.received['/diagnostics'] for s in m.status}
+        return {f'{name}: localization' for name in procs} <= seen
+    try:
+        listener.wait_for(running, START_TIMEOUT_S, 'both nodes to start')
+        for name, proc in procs.items():
+            proc.send_signal(signals[name])
+        for name, proc in procs.items():
+            # No second signal: that would kill the node and hide an unclean end.
+            assert proc.wait(timeout=30.0) == 0, f'{name}:\n{log_of(proc)}'
+            assert 'Traceback' not in log_of(proc), f'{name}:\n{log_of(proc)}'
+    finally:
+        listener.close()
+        for proc in procs.values():
+            stop(proc)
