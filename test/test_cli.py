@@ -93,3 +93,14 @@ def test_build_db_from_a_bag(small_map, tmp_path):
     run = taco('build-db', '--bag', bag, '--image-topic', '/cam/nope', '--gps-topic',
                '/gps/fix', '--out', tmp_path / 'x.npz', '--weights', small_map.weights)
     assert run.returncode == 2 and '/cam/image_raw/compressed' in run.stderr
+
+
+def test_calibrate_is_a_command_and_reports_a_user_error_in_one_line(small_map, tmp_path):
+    run = taco('--help')
+    assert run.returncode == 0 and '  calibrate ' in run.stdout
+    missing = tmp_path / 'nope.npz'
+    run = taco('calibrate', '--db', missing, '--weights', small_map.weights, '--bag',
+               tmp_path / 'no_bag', '--image-topic', '/cam', '--gt-topic', '/gps')
+    assert run.returncode == 2 and 'Traceback' not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and 'no_bag' in run.stderr
+    assert not missing.exists()

@@ -3,7 +3,9 @@ taco-cvgl build-db: embed a folder of GPS-tagged images into a database file.
 
 Beside the database it writes the images' verification features (OUT stem + .features.npz,
 mapdb/map_features.py), so that the map verifies fixes without its images; --features-only adds
-them to a database built before.
+them to a database built before. --gsd-m, --grid-spacing-m and --covariance-scale are stored as
+the map's calibration (mapdb/map_calibration.py); `taco-cvgl calibrate` adds the error models
+fitted on a flight.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional
 
 from taco_cvgl.cli.common import add_runtime_args, reports_errors
 from taco_cvgl.localization.rerank import RerankConfig
-from taco_cvgl.mapdb.build import add_features, build_db
+from taco_cvgl.mapdb.build import add_features, build_calibration, build_db
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument('--features-only', action='store_true',
                           help='embed nothing: write the features file of the existing --db')
     features.add_argument('--db', type=Path, help='with --features-only: the database file')
+    calibration = parser.add_argument_group(
+        'map calibration', 'stored with the map (its meta); taco-cvgl calibrate fits the error '
+        'models on a flight')
+    calibration.add_argument('--gsd-m', type=float, metavar='M',
+                             help='ground size of one map-image pixel, metres: places a verified '
+                                  "fix within its tile (without it, at the tile's centre)")
+    calibration.add_argument('--grid-spacing-m', type=float, metavar='M',
+                             help='typical distance between neighbouring places, metres '
+                                  '(default: measured from the positions and recorded)')
+    calibration.add_argument('--covariance-scale', type=float, metavar='F',
+                             help="factor on the retrieval estimate's covariance (default 1)")
     scale = parser.add_argument_group(
         'several processes', 'embed with Lightning DDP over several GPUs (or CPU processes) and '
         'machines, then merge into one database; on several machines start the same command '
@@ -86,16 +99,21 @@ def main(argv: Optional[list] = None) -> int:
         parser.error('the following arguments are required: '
                      + ', '.join(f for f, v in (('--out', args.out), ('--weights', args.weights))
                                  if v is None))
+    calibration = build_calibration(args.gsd_m, args.grid_spacing_m, args.covariance_scale)
     db = build_db(args.out, args.weights, args.images, args.csv, args.device, args.precision,
                   args.batch_size, args.dtype, args.skip_bad, not args.no_progress, args.bag,
                   args.image_topic, args.gps_topic, args.every, devices=args.devices,
                   accelerator=args.accelerator, num_nodes=args.num_nodes,
                   strategy=args.strategy, workers=args.workers,
-                  features=not args.no_features, max_features=args.max_features)
+                  features=not args.no_features, max_features=args.max_features,
+                  calibration=calibration)
     if db is None:      # a further process of a multi-process build; rank 0 reports
         return 0
+    gsd = db.calibration.gsd_m
     print(f'wrote {args.out}: {len(db)} images, {db.dim}-D, model {db.model_fingerprint}, '
-          f'grid spacing {db.grid_spacing_m:.1f} m, {db.meta.get("skipped", 0)} skipped')
+          f'grid spacing {db.grid_spacing_m:.1f} m'
+          + ('' if gsd is None else f', ground pixel {gsd:g} m')
+          + f', {db.meta.get("skipped", 0)} skipped')
     if not args.no_features:
         _report_features(args.out, len(db), 'with its verification features')
     return 0
@@ -105,7 +123,11 @@ def _features_only(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     """Run `build-db --features-only --db DB`: refuse the options of a build, then write."""
     building = [flag for flag, value in (('--out', args.out), ('--weights', args.weights),
                                          ('--images', args.images), ('--csv', args.csv),
-                                         ('--bag', args.bag), ('--no-features', args.no_features))
+                                         ('--bag', args.bag), ('--no-features', args.no_features),
+                                         ('--gsd-m', args.gsd_m is not None),
+                                         ('--grid-spacing-m', args.grid_spacing_m is not None),
+                                         ('--covariance-scale',
+                                          args.covariance_scale is not None))
                 if value]
     if building:
         parser.error(f'--features-only writes the features of --db and builds nothing: '

@@ -32,14 +32,17 @@ def localize_files(localizer: CVGLLocalizer, images: List[Path],
     """
     Yield (path, Measurement or InputError) for each image; one bad file stops nothing.
 
-    heading: the prior every image gets (None: none).
+    heading: the prior every image gets (None: none). The images are unrelated photos, so each
+    is localized alone (track=None): no motion track carries a position or a heading from one
+    to the next.
 
     Whatever fails on one file (a decoder's or the model's own exception included) becomes that
     file's InputError; only KeyboardInterrupt and the like stop the run.
     """
     for path in images:
         try:
-            yield path, localizer.localize(load_image_file(path, max_pixels), heading=heading)
+            yield path, localizer.localize(load_image_file(path, max_pixels), heading=heading,
+                                           track=None)
         except InputError as exc:
             yield path, exc
         except Exception as exc:  # noqa: B902 - the next file must still be localized

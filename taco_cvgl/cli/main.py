@@ -13,6 +13,7 @@ COMMANDS = {
     'localize': ('localize', 'estimate the GPS position of image files'),
     'train': ('train', 'train the embedder (PyTorch Lightning)'),
     'evaluate': ('evaluate', 'score the localizer on a rosbag2, or retrieval on a dataset'),
+    'calibrate': ('calibrate', "fit a map's error models on a flight with ground truth"),
     'replay': ('replay', 'play a rosbag2 into live ROS topics, optionally recording'),
     'demo': ('demo', 'run the built-in demo on real Landsat-8 imagery'),
 }

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from taco_cvgl.demo.flight import (compass, COMPASS_TOPIC, FIX_TOPIC, GEOPOSE_TOPIC,
@@ -26,6 +26,7 @@ STRIDE_PX = 48           # database grid stride: 1.44 km
 TILE_PX = 256            # map tile image size (local features need the detail)
 VIEW_PX = 256            # camera image size
 PIXEL_M = 30.0
+GSD_M = FOOTPRINT_PX * PIXEL_M / TILE_PX   # ground size of a map-tile pixel
 # Training views are turned north-up by their heading, then by at most this much either way:
 # the error left by a compass, or by rotation_tta 8 (45 degree steps) without one.
 TRAIN_ROTATION_DEG = 22.5
@@ -146,11 +147,19 @@ def embedder_record(weights: Path) -> Dict:
         return {'name': config.backbone, 'initial_weights': 'unknown (weights given)'}
 
 
-def make_map(scene, region, out: Path, weights: Path, extra_meta: Dict) -> Path:
-    """Cut the region's map tiles, build their database and record its ground scale."""
+def make_map(scene, region, out: Path, weights: Path, calibration=None,
+             unverified: Optional[Dict] = None, info: Optional[Dict] = None) -> Path:
+    """
+    Cut the region's map tiles, build their database and record its calibration.
+
+    calibration: the error models fitted on another map's flight (fit_map_calibration), with
+    unverified its unverified-frame record; the ground scale is this map's tiles', the grid
+    spacing measured on its places. info: further meta entries (the calibration's counts).
+    """
     from taco_cvgl.mapdb.build import build_db
     from taco_cvgl.demo.scene import make_tiles, write_tiles
     from taco_cvgl.mapdb.database import EmbeddingDatabase
+    from taco_cvgl.mapdb.map_calibration import MapCalibration
     db_path = out / 'map.npz'
     if db_path.is_file():
         return db_path
@@ -159,7 +168,10 @@ def make_map(scene, region, out: Path, weights: Path, extra_meta: Dict) -> Path:
     build_db(db_path, weights, images=csv_path.parent, csv=csv_path, device='auto',
              progress=False)
     db = EmbeddingDatabase.load(db_path)
-    db.meta.update({'gsd_m': FOOTPRINT_PX * PIXEL_M / TILE_PX, **extra_meta})
+    record = dataclasses.replace(calibration or MapCalibration(), gsd_m=GSD_M,
+                                 grid_spacing_m=db.calibration.grid_spacing_m)
+    record.apply_to(db.meta, unverified=unverified)
+    db.meta.update(info or {})
     db.save(db_path)
     return db_path
 
@@ -194,41 +206,26 @@ def demo_localizer_config():
     return localizer_config(demo_settings())
 
 
-# A calibration fix is "right" for the confidence model when it is within this distance: the
-# in-tile accuracy a verified fix claims, not the grid stride any retrieval hit reaches.
-CONFIDENCE_RIGHT_WITHIN_M = 40.0
-
-
-def calibrate(localizer, views, priors) -> Dict:
+def calibrate(localizer, views, priors) -> Tuple:
     """
-    Fit the verified fixes' covariance and confidence models on a calibration flight.
+    Fit the map's error models on a calibration flight (localization.calibrate).
 
-    Returns the map meta entries (taco_cvgl.mapdb.calibration): sigma from the verification's
-    inliers, residual and in-tile offset by maximum likelihood, and P(error within
-    CONFIDENCE_RIGHT_WITHIN_M) by logistic regression; with too few fixes each falls back to
-    the single scale / inlier share, and says so in its note.
+    The verified fixes' covariance (sigma from the verification's inliers, residual and in-tile
+    offset, by maximum likelihood) and confidence (P(error within RIGHT_WITHIN_M), logistic),
+    each falling back to the single scale / inlier share with too few fixes and saying so in
+    its note; and the rate at which the frames no candidate verified were right anyway.
+    Returns (MapCalibration, the unverified record or None, the counts for the map's meta).
     """
-    from taco_cvgl.geo.geodesy import to_enu
-    from taco_cvgl.mapdb.calibration import (CONFIDENCE_META_KEY, COVARIANCE_META_KEY,
-                                             fit_confidence, fit_covariance, FixFeatures)
-    gsd = float(localizer.database.meta['gsd_m'])
-    features, errors = [], []
-    for view, prior in zip(views, priors):
-        m = localizer.localize(view.image, timestamp=view.stamp_s, heading=prior)
-        if m.fix and m.verification is not None:
-            features.append(FixFeatures.of(m.verification, gsd))
-            errors.append(to_enu(view.latitude, view.longitude, m.latitude, m.longitude))
-    if len(errors) < 10:
-        log(f'warning: only {len(errors)} fixes on the calibration flight, too few to '
+    from taco_cvgl.localization.calibrate import CalibrationFrame, fit_map_calibration
+    from taco_cvgl.mapdb.calibration import MIN_FALLBACK_FIXES
+    frames = (CalibrationFrame(view.image, view.stamp_s, prior, view.latitude, view.longitude)
+              for view, prior in zip(views, priors))
+    calibration, report = fit_map_calibration(localizer, frames)
+    if report.fixes < MIN_FALLBACK_FIXES:
+        log(f'warning: only {report.fixes} fixes on the calibration flight, too few to '
             f'calibrate: the covariance keeps its uncalibrated scale')
-        return {'calibration_fixes': len(errors), 'calibration_frames': len(views)}
-    errors = np.array(errors, dtype=float)
-    covariance = fit_covariance(features, errors)
-    confidence = fit_confidence(features, np.hypot(errors[:, 0], errors[:, 1]),
-                                right_within_m=CONFIDENCE_RIGHT_WITHIN_M,
-                                min_inliers=localizer.config.rerank.min_inliers)
-    return {COVARIANCE_META_KEY: covariance.to_meta(), CONFIDENCE_META_KEY: confidence.to_meta(),
-            'calibration_fixes': len(errors), 'calibration_frames': len(views)}
+    return calibration, report.unverified, {'calibration_fixes': report.fixes,
+                                            'calibration_frames': len(views)}
 
 
 def middle_rows(region, fraction: float):
@@ -278,15 +275,17 @@ def run_demo(options: DemoOptions) -> Dict:
     log(f'2/6 train: embedder {embedder["name"]} from {initial_weights_text(embedder)}')
     log('3/6 map: calibrating the covariance on a flight over the training area')
     rng = np.random.default_rng(options.seed + 1)
-    calib_db = make_map(scene, train_region, out / 'calibration_map', weights, {})
+    calib_db = make_map(scene, train_region, out / 'calibration_map', weights)
     calib_views = simulate_flight(scene, train_region, options.calibration_frames, rng,
                                   strength=options.appearance, out_px=VIEW_PX)
     localizer = CVGLLocalizer.from_files(weights, calib_db, config=demo_localizer_config())
-    scales = calibrate(localizer, calib_views, compass(calib_views, options.seed + 3))
-    model = scales.get('verified_covariance_model', {}).get('kind', 'uncalibrated')
-    log(f'3/6 map: verified-fix covariance model {model} ({scales["calibration_fixes"]} '
+    calibration, unverified, counts = calibrate(localizer, calib_views,
+                                                compass(calib_views, options.seed + 3))
+    model = calibration.covariance_model
+    log(f'3/6 map: verified-fix covariance model '
+        f'{"uncalibrated" if model is None else model.kind} ({counts["calibration_fixes"]} '
         f'fixes); building the evaluation (east) map')
-    db = make_map(scene, eval_region, out / 'map', weights, scales)
+    db = make_map(scene, eval_region, out / 'map', weights, calibration, unverified, counts)
     log('4/6 flight: simulating the camera over the evaluation area')
     views = simulate_flight(scene, eval_region, options.flight_frames,
                             np.random.default_rng(options.seed + 2),

@@ -4,16 +4,19 @@ Scoring the localizer on a bag: replayed offline through it, or as the live node
 - `evaluate_bag`: every image of a camera bag goes through the same CVGLLocalizer the node runs,
   with the heading prior of the orientation topic nearest its stamp, as the node matches it;
 - `evaluate_recorded`: the estimates a live node published (recorded with `ros2 bag record`)
-  scored against the ground truth; no model runs.
+  scored against the ground truth; no model runs;
+- `open_flight` / `calibration_frames`: a camera bag's images with their ground truth and
+  heading priors, as both the evaluation and the map calibration (localization.calibrate) read it.
 
 Each writes metrics.json, frames.csv and the pictures (evaluation.report) and returns them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, TYPE_CHECKING
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TYPE_CHECKING
 
 import numpy as np
 from taco_cvgl.errors import InputError, TacoError
@@ -25,9 +28,11 @@ from taco_cvgl.evaluation.report import EvaluationResult, grid_picks, grid_rows_
 from taco_cvgl.evaluation.scoring import (DEFAULT_KS, frame_table, FrameResult, SCHEMA,
                                           summarize)
 from taco_cvgl.files import bags
+from taco_cvgl.localization.orientation import OrientationBuffer
 from taco_cvgl.localization.settings import defaults
 
 if TYPE_CHECKING:   # torch loads in seconds: not before it is needed
+    from taco_cvgl.localization.calibrate import CalibrationFrame
     from taco_cvgl.localization.heading import HeadingPrior
     from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig, Measurement
     from taco_cvgl.localization.settings import NodeParams
@@ -82,6 +87,75 @@ def check_recall_values(values: Sequence[int]) -> Tuple[int, ...]:
     return ks
 
 
+@dataclasses.dataclass
+class Flight:
+    """A camera bag opened for a run: its images, its ground truth and its heading priors."""
+
+    bag: Path
+    gt_path: Path
+    stream: bags.ImageStream
+    truth: bags.GpsTrack
+    heading: Optional[Tuple[np.ndarray, np.ndarray]]   # ground-truth headings, or None
+    priors: Optional[OrientationBuffer]   # the orientation topic's, or None
+    prior_info: Dict[str, Any]         # what was read from the orientation topic
+    max_age_s: float                   # orientation_max_age_s
+
+    def prior_at(self, stamp_ns: int) -> Optional[HeadingPrior]:
+        """Return the heading prior of an image stamp, as the node matches it (None: none)."""
+        return None if self.priors is None else self.priors.prior_at(stamp_ns,
+                                                                     self.max_age_s)[0]
+
+    def frames_with_truth(self, max_gt_gap_s: float) -> Iterator[CalibrationFrame]:
+        """Yield each image with ground truth within max_gt_gap_s, as a CalibrationFrame."""
+        from taco_cvgl.localization.calibrate import CalibrationFrame
+        for stamp, rgb in self.stream:
+            lat, lon, _ = truth_at(self.truth, None, [stamp], max_gt_gap_s)
+            if np.isfinite(lat[0]) and np.isfinite(lon[0]):
+                yield CalibrationFrame(rgb, stamp * 1e-9, self.prior_at(stamp), float(lat[0]),
+                                       float(lon[0]))
+
+
+def open_flight(bag, image_topic: str, gt_topic: str, *, gt_bag=None,
+                gt_heading_topic: Optional[str] = None, orientation_topic: Optional[str] = None,
+                orientation_sigma_deg: float = defaults()['orientation_sigma_deg'],
+                orientation_max_age_s: float = defaults()['orientation_max_age_s']) -> Flight:
+    """
+    Open a camera bag with ground truth, checking its topics before any image is read.
+
+    The ground truth (and its heading topic) comes from `gt_bag` when given, else from `bag`;
+    the orientation topic from `bag`, else `gt_bag` (see evaluate_bag).
+    """
+    check_orientation(orientation_sigma_deg, orientation_max_age_s)
+    bag = Path(bag)
+    gt_path = Path(gt_bag) if gt_bag else bag
+    stream = bags.iter_images(bag, image_topic)  # checks the bag and the topic first
+    truth = read_truth(gt_path, gt_topic)
+    heading = heading_truth([gt_path, bag], gt_heading_topic)
+    priors, prior_info = None, {'topic': None}
+    if orientation_topic:
+        priors, prior_info = read_heading_priors(
+            bag_with([bag, gt_path], orientation_topic, 'orientation'), orientation_topic,
+            orientation_sigma_deg)
+        prior_info.update(default_sigma_deg=orientation_sigma_deg,
+                          max_age_s=orientation_max_age_s)
+    return Flight(bag, gt_path, stream, truth, heading, priors, prior_info,
+                  orientation_max_age_s)
+
+
+def calibration_frames(bag, image_topic: str, gt_topic: str, *, max_gt_gap_s: float = 1.0,
+                       **flight) -> Iterator[CalibrationFrame]:
+    """
+    Return a calibration flight's images that have ground truth within max_gt_gap_s.
+
+    The bag and its topics are checked now (InputError), the images read as the frames are
+    taken; the others are left out, as evaluate_bag leaves them unscored. flight:
+    open_flight's keywords (gt_bag, orientation_topic, ...).
+    """
+    if not (math.isfinite(max_gt_gap_s) and max_gt_gap_s > 0):
+        raise InputError(f'max_gt_gap_s must be a positive number, got {max_gt_gap_s}')
+    return open_flight(bag, image_topic, gt_topic, **flight).frames_with_truth(max_gt_gap_s)
+
+
 def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
                  gt_bag=None, gt_heading_topic: Optional[str] = None,
                  threshold_m: float = 25.0, fix_threshold_m: Optional[float] = None,
@@ -113,7 +187,8 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
     orientation_max_age_s, as the node matches it (orientation_sigma_deg where a message gives
     no sigma); metrics.json's heading_prior counts the frames with and without one, and
     (localizer_sources) which heading each localized frame used: given, track (the last
-    verified fix), tta (rotations tried) or none.
+    verified fix), tta (rotations tried) or none. The bag runs on a motion track of its own
+    (localizer.new_track()): a localizer passed in carries no state from what it ran before.
     """
     from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
     from tqdm import tqdm
@@ -122,18 +197,12 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
     check_orientation(orientation_sigma_deg, orientation_max_age_s)
     if max_frames is not None and max_frames < 1:
         raise InputError(f'max_frames must be >= 1, got {max_frames}')
-    bag = Path(bag)
-    gt_path = Path(gt_bag) if gt_bag else bag
-    stream = bags.iter_images(bag, image_topic)  # checks the bag and the topic first
-    truth = read_truth(gt_path, gt_topic)
-    heading = heading_truth([gt_path, bag], gt_heading_topic)
-    priors, prior_info = None, {'topic': None}
-    if orientation_topic:
-        priors, prior_info = read_heading_priors(
-            bag_with([bag, gt_path], orientation_topic, 'orientation'), orientation_topic,
-            orientation_sigma_deg)
-        prior_info.update(default_sigma_deg=orientation_sigma_deg,
-                          max_age_s=orientation_max_age_s)
+    flight = open_flight(bag, image_topic, gt_topic, gt_bag=gt_bag,
+                         gt_heading_topic=gt_heading_topic, orientation_topic=orientation_topic,
+                         orientation_sigma_deg=orientation_sigma_deg,
+                         orientation_max_age_s=orientation_max_age_s)
+    bag, gt_path, stream, truth = flight.bag, flight.gt_path, flight.stream, flight.truth
+    priors, prior_info = flight.priors, flight.prior_info
     counts = {'frames_with': 0, 'frames_without': 0}
     sources: Dict[str, int] = {}   # Measurement.heading_source of each localized frame
     if localizer is None:
@@ -145,6 +214,7 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
         raise InputError('the localizer passed in has no map loaded')
     config = localizer.config
     database = localizer.database
+    track = localizer.new_track()   # this bag's own (see the docstring)
 
     total = stream.message_count if max_frames is None else min(stream.message_count,
                                                                 max_frames)
@@ -159,9 +229,10 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
             if max_frames is not None and index >= max_frames:
                 stopped = f'stopped after max_frames={max_frames} of {stream.message_count}'
                 break
-            prior = None if priors is None else priors.prior_at(stamp, orientation_max_age_s)[0]
-            frame, source = _localize_frame(localizer, index, stamp, rgb, truth, heading,
-                                            max_gt_gap_s, camera_yaw_deg, prior)
+            prior = flight.prior_at(stamp)
+            frame, source = _localize_frame(localizer, index, stamp, rgb, truth,
+                                            flight.heading, max_gt_gap_s, camera_yaw_deg,
+                                            prior, track)
             frames.append(frame)
             if frame.has_truth:   # localized (or tried): counted with or without a prior
                 counts['frames_with' if prior is not None else 'frames_without'] += 1
@@ -220,12 +291,13 @@ def evaluate_bag(bag, image_topic: str, gt_topic: str, db, weights, out_dir, *,
 
 def _localize_frame(localizer: CVGLLocalizer, index: int, stamp: int, rgb: np.ndarray,
                     truth: bags.GpsTrack, heading, max_gt_gap_s: float,
-                    camera_yaw_deg: float, prior: Optional[HeadingPrior] = None
-                    ) -> Tuple[FrameResult, Optional[str]]:
+                    camera_yaw_deg: float, prior: Optional[HeadingPrior] = None,
+                    track=None) -> Tuple[FrameResult, Optional[str]]:
     """
     Return the frame of one image (its ground truth, the localizer's answer if any).
 
     And the heading the localizer used (Measurement.heading_source; None if not localized).
+    track: the run's motion track (localizer.new_track()), which the frame continues.
     """
     lat, lon, hdg = truth_at(truth, heading, [stamp], max_gt_gap_s)
     frame = FrameResult(index=index, stamp_ns=int(stamp), truth_lat=float(lat[0]),
@@ -234,7 +306,8 @@ def _localize_frame(localizer: CVGLLocalizer, index: int, stamp: int, rgb: np.nd
         return frame, None  # not localized: it could not be scored
     try:
         measurement = localizer.localize(rgb, timestamp=stamp * 1e-9,
-                                         camera_yaw_deg=camera_yaw_deg, heading=prior)
+                                         camera_yaw_deg=camera_yaw_deg, heading=prior,
+                                         track=track)
     except (TacoError, RuntimeError, ValueError) as exc:
         # One frame the model cannot take (odd size, corrupt data) must not lose the others;
         # it is counted, listed and makes the result incomplete.

@@ -1,1 +1,1 @@
-"""Image -> fix: retrieval, heading prior, verification, estimate, track, settings."""
+"""Image -> fix: retrieval, heading prior, verification, estimate, track, settings, calibration."""

@@ -2,12 +2,15 @@
 Building a map: embed GPS-tagged images into a database file, with their verification features.
 
 `build_db` reads the images (a CSV, EXIF GPS tags or a rosbag2), embeds them (in one process or
-several, mapdb.distributed_db), saves the database and writes the images' verification features
-beside it (mapdb.map_features); `add_features` writes the features of a database built before.
+several, mapdb.distributed_db), saves the database with the calibration it was given (ground
+pixel size, grid spacing, covariance scale: `MapCalibration`) and writes the images'
+verification features beside it (mapdb.map_features); `add_features` writes the features of a
+database built before.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 import sys
@@ -15,6 +18,7 @@ from typing import Iterable, Optional, Tuple, TYPE_CHECKING
 
 from taco_cvgl.errors import InputError
 from taco_cvgl.localization.rerank import RerankConfig
+from taco_cvgl.mapdb.map_calibration import MapCalibration
 
 if TYPE_CHECKING:   # torch loads in seconds: not before it is needed
     from taco_cvgl.mapdb.database import EmbeddingDatabase
@@ -26,7 +30,8 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
              image_topic: Optional[str] = None, gps_topic: Optional[str] = None,
              every: int = 1, devices: int = 1, accelerator: str = 'auto', num_nodes: int = 1,
              strategy: str = 'auto', workers: Optional[int] = None, features: bool = True,
-             max_features: int = RerankConfig.max_features) -> Optional[EmbeddingDatabase]:
+             max_features: int = RerankConfig.max_features,
+             calibration: Optional[MapCalibration] = None) -> Optional[EmbeddingDatabase]:
     """
     Build and save a database from images + CSV, images with EXIF GPS, or a rosbag2.
 
@@ -44,6 +49,9 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
 
     features: then write the images' SIFT features (max_features per image) beside the database
     (map_features.features_path); a features file of the database replaced is removed either way.
+
+    calibration: the map's record to store (build_calibration: --gsd-m, --grid-spacing-m,
+    --covariance-scale); without a grid spacing the places' own is measured and recorded.
     """
     from taco_cvgl.mapdb.database import build_database
     from taco_cvgl.mapdb.distributed_db import check_count, leads_launch, plan_processes
@@ -68,18 +76,48 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
         from taco_cvgl.mapdb.distributed_db import build_database_parallel
         db = build_database_parallel(out, weights, records, plan, batch_size, dtype, skip_bad,
                                      progress, str(csv or images), report_skip)
+        if db is not None and calibration is not None:   # merged and saved: add it
+            _save(db, out, dtype, weights, calibration)
     else:
         model = ImageRetrievalModel.load(weights, device, precision)
         db = build_database(model, records, batch_size=batch_size, skip_bad=skip_bad,
                             progress=progress, source=str(csv or images), on_skip=report_skip)
-        try:
-            db.save(out, dtype=dtype, weights=weights)
-        except OSError as exc:
-            raise InputError(f'cannot write --out {out}: {exc.strerror or exc}; nothing was '
-                             f'written there') from None
+        _save(db, out, dtype, weights, calibration)
     if db is not None:
         _replace_features(db, out, features, max_features, progress)
     return db
+
+
+def build_calibration(gsd_m: Optional[float] = None, grid_spacing_m: Optional[float] = None,
+                      covariance_scale: Optional[float] = None) -> Optional[MapCalibration]:
+    """
+    Return the calibration record of build-db's options (None: none given).
+
+    Each given value must be a positive number of metres (a factor for covariance_scale);
+    InputError names the flag otherwise.
+    """
+    given = {'gsd_m': gsd_m, 'grid_spacing_m': grid_spacing_m,
+             'covariance_scale': covariance_scale}
+    for name, value in given.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (math.isfinite(value) and value > 0)):
+            raise InputError(f'--{name.replace("_", "-")} must be a positive number, got '
+                             f'{value!r}')
+    if all(value is None for value in given.values()):
+        return None
+    return MapCalibration(**{name: value for name, value in given.items() if value is not None})
+
+
+def _save(db: EmbeddingDatabase, out: Path, dtype: str, weights,
+          calibration: Optional[MapCalibration]) -> None:
+    """Store the calibration in the database's meta and write it (InputError if it cannot)."""
+    if calibration is not None:
+        calibration.apply_to(db.meta)
+    try:
+        db.save(out, dtype=dtype, weights=weights)
+    except OSError as exc:
+        raise InputError(f'cannot write --out {out}: {exc.strerror or exc}; nothing was '
+                         f'written there') from None
 
 
 def add_features(db_path, max_features: int = RerankConfig.max_features,

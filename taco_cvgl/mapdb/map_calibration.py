@@ -6,14 +6,17 @@ before still load, and a map keeps working with older readers):
 
 - `gsd_m`: ground size of one database-image pixel, metres. It turns a verification's pixel
   offset into metres (the in-tile refinement) and scales the covariance; without it a verified
-  fix is placed at the tile's centre. `taco-cvgl build-db --gsd-m`, or measured by the demo.
-- `grid_spacing_m`: typical distance between neighbouring places, metres; without it, measured
-  from the positions (median nearest-neighbour distance) when first needed.
-- `covariance_scale`: factor on the retrieval estimate's covariance.
+  fix is placed at the tile's centre. `taco-cvgl build-db --gsd-m`, or known to the demo.
+- `grid_spacing_m`: typical distance between neighbouring places, metres
+  (`build-db --grid-spacing-m`); without it, measured from the positions (median
+  nearest-neighbour distance) and recorded when the database is saved.
+- `covariance_scale`: factor on the retrieval estimate's covariance (`build-db
+  --covariance-scale`).
 - `verified_covariance_scale`: factor on the uncalibrated verified sigma (maps calibrated
   before the feature model existed).
 - `verified_covariance_model`, `verified_confidence_model`, `unverified_confidence`: the models
-  fitted on a calibration flight (`mapdb.calibration`).
+  fitted on a calibration flight (`mapdb.calibration`), by `taco-cvgl calibrate` or the demo
+  (`localization.calibrate.fit_map_calibration`).
 
 `from_meta` checks every value and names the key it refuses; nothing else reads these keys.
 """
