@@ -8,7 +8,7 @@ import pytest
 from taco_cvgl.errors import InputError
 from taco_cvgl.geo.geodesy import angle_difference_deg, distance_m
 from taco_cvgl.localization.localizer import CVGLLocalizer, LocalizerConfig
-from taco_cvgl.localization.rerank import offset_to_enu, RerankConfig
+from taco_cvgl.localization.rerank import fit_similarity, offset_to_enu, RerankConfig
 
 
 def test_verification_finds_the_place_and_the_heading(scene, tile_map):
@@ -198,3 +198,28 @@ def test_a_map_with_calibrated_models_sets_the_covariance_and_the_confidence(
     db.save(calibrated)
     with pytest.raises(InputError, match='calibration'):
         loc.load_map(calibrated)
+
+
+def _similarity(points, angle_deg, scale, shift):
+    """Return points turned by angle_deg (counter-clockwise in x-right/y-down), scaled, shifted."""
+    a = math.radians(angle_deg)
+    rotation = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return (points @ rotation.T + np.asarray(shift)).astype(np.float32)
+
+
+def test_a_fit_that_squeezes_the_query_onto_one_spot_is_no_match():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 256, (60, 2)).astype(np.float32)
+    # Every query corner paired with (nearly) the same candidate corner: RANSAC "fits" scale ~0
+    # with all 60 pairs as inliers. Such pairs are what repeated texture gives on ground the
+    # map does not hold.
+    spot = (np.array([[40.0, 50.0]]) + rng.normal(0.0, 0.3, (60, 2))).astype(np.float32)
+    assert fit_similarity(src, spot, RerankConfig()) is None
+    # A real similarity keeps all its points, and its scale is within the bounds...
+    matrix, inliers, residual = fit_similarity(src, _similarity(src, 30.0, 1.5, (10, 20)),
+                                               RerankConfig())
+    assert inliers == 60 and residual < 1e-3
+    assert math.sqrt(abs(np.linalg.det(matrix[:, :2]))) == pytest.approx(1.5, rel=1e-4)
+    # ...one 20 times larger is outside [1/8, 8].
+    assert fit_similarity(src, _similarity(src, 30.0, 20.0, (10, 20)), RerankConfig()) is None
+

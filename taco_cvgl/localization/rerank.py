@@ -57,6 +57,12 @@ class RerankConfig:
     max_features: int = 1500
     ratio: float = 0.8
     ransac_threshold_px: float = 4.0
+    # The scales (candidate pixels per query pixel) a verified match may have. RANSAC also
+    # "fits" a transform that squeezes the whole query onto one spot of the candidate, whose
+    # inliers are many query points paired with one repeated candidate point: on ground the map
+    # does not hold (fields, forest) that is how verification fixed the wrong place.
+    min_scale: float = 0.125
+    max_scale: float = 8.0
     min_inliers: int = 15
     covariance_scale: float = 1.0
     heading_sigma_deg: float = 2.0
@@ -65,6 +71,9 @@ class RerankConfig:
 
     def __post_init__(self):
         """Refuse values that make no sense, naming the parameter."""
+        if not 0 < self.min_scale < 1 < self.max_scale:
+            raise InputError(f'rerank: 0 < min_scale < 1 < max_scale required, got '
+                             f'{self.min_scale}, {self.max_scale}')
         if self.candidates < 1 or self.min_inliers < 3 or not 0 < self.ratio < 1:
             raise InputError('rerank: candidates >= 1, min_inliers >= 3 and 0 < ratio < 1 '
                              f'required, got {self.candidates}, {self.min_inliers}, '
@@ -297,7 +306,9 @@ def fit_similarity(src: np.ndarray, dst: np.ndarray, config: RerankConfig):
     Fit the similarity taking query points src (Kx2) to candidate points dst with RANSAC.
 
     Returns (2x3 matrix, inliers, RMS residual of the inliers in candidate pixels), or None when
-    there are fewer than config.min_inliers pairs or no fit.
+    there are fewer than config.min_inliers pairs, no fit, or a fit whose scale lies outside
+    [config.min_scale, config.max_scale]: RANSAC also accepts a transform that squeezes the
+    query onto one spot, its inliers many query points paired with one candidate point.
     """
     if len(src) < config.min_inliers:
         return None
@@ -305,6 +316,9 @@ def fit_similarity(src: np.ndarray, dst: np.ndarray, config: RerankConfig):
         src, dst, method=cv2.RANSAC, ransacReprojThreshold=config.ransac_threshold_px,
         maxIters=2000, confidence=0.995)
     if matrix is None:
+        return None
+    scale = math.sqrt(abs(float(np.linalg.det(matrix[:, :2]))))
+    if not config.min_scale <= scale <= config.max_scale:
         return None
     mask = mask.ravel().astype(bool)
     projected = src[mask] @ matrix[:, :2].T + matrix[:, 2]
