@@ -19,7 +19,6 @@ map's); the build check compares with eager fp32 on calibration images, not on n
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -33,6 +32,7 @@ from taco_cvgl.files.atomic import atomic_path
 from taco_cvgl.inference.base import BuildRequest, FastPathError
 from taco_cvgl.inference.cpu import (cpu_signature, find_cxx_compiler, precision_dtype,
                                      warnings_quiet, weights_copy)
+from taco_cvgl.logs import quiet_loggers
 from taco_cvgl.model.config import cache_dir_default
 from taco_cvgl.model.preprocess import prepare_batch
 import torch
@@ -44,7 +44,9 @@ log = logging.getLogger('taco_cvgl.inference.int8')
 INT8_CALIBRATION_IMAGES = 32
 # Calibration images the build check compares with eager fp32 on.
 CHECK_IMAGES = 8
-# torch's loggers whose notices building the backend holds back (see _quiet_torch_notices).
+# torch's loggers whose notices building the backend holds back: torchao's deprecation notices
+# and the C++ builder's "No CUDA runtime is found" (the CPU build needs none) are noise in a
+# node's log or a CLI's error stream.
 QUIET_LOGGERS = ('torch.utils._pytree', 'torch.utils.cpp_extension')
 
 
@@ -174,25 +176,6 @@ def int8_package_path(model, precision: str, calibration: torch.Tensor,
     return root / 'int8' / f'{key.hexdigest()}.pt2'
 
 
-@contextlib.contextmanager
-def _quiet_torch_notices():
-    """
-    Hold back what torch logs to stderr on first importing torchao and the C++ builder.
-
-    torchao's deprecation notices and the C++ builder's "No CUDA runtime is found" (the CPU
-    build needs none) are noise in a node's log or a CLI's error stream.
-    """
-    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _drop_dtype_assertions(graph) -> None:
     """Remove an exported graph's tensor-metadata assertions (they refuse bf16 autocast)."""
     for node in list(graph.graph.nodes):
@@ -247,6 +230,6 @@ def build(request: BuildRequest) -> Int8Runner:
     """Return the int8 package of the request's model and calibration (CPU only)."""
     if request.device.type != 'cpu':
         raise FastPathError('the int8 backend is for the CPU')
-    with _quiet_torch_notices():
+    with quiet_loggers(QUIET_LOGGERS):
         return Int8Runner(request.model, request.precision, request.calibration,
                           request.cache_dir)

@@ -33,6 +33,7 @@ import warnings
 
 import numpy as np
 from taco_cvgl.errors import InputError, MismatchError
+from taco_cvgl.logs import quiet_loggers
 from taco_cvgl.mapdb.database import check_records, EmbeddingDatabase, ImageRecord
 import torch
 
@@ -156,23 +157,6 @@ def _launch_environment(restore: bool):
                 os.environ[name] = value
 
 
-@contextlib.contextmanager
-def _quiet_lightning(enabled: bool):
-    """Silence Lightning's start-up notes (devices found, processes registered)."""
-    if not enabled:
-        yield
-        return
-    loggers = [logging.getLogger(name) for name in ('lightning.pytorch', 'lightning.fabric')]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _trainer(plan: ParallelPlan, progress: bool):
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -220,7 +204,9 @@ def build_database_parallel(out, weights, records: Optional[Sequence[ImageRecord
     module = EmbedShards(model, packed, shard_dir, plan.precision, batch_size, plan.workers,
                          quiet=not progress)
     spawned = plan.strategy == 'ddp_spawn'
-    with _launch_environment(spawned), _quiet_lightning(not progress), \
+    # Lightning's start-up notes (devices found, processes registered), unless progress is shown.
+    lightning = () if progress else ('lightning.pytorch', 'lightning.fabric')
+    with _launch_environment(spawned), quiet_loggers(lightning, logging.WARNING), \
             warnings.catch_warnings():
         warnings.filterwarnings('ignore', '.*does not have many workers.*')
         warnings.filterwarnings('ignore', '.*LeafSpec.* is deprecated')   # torch vs Lightning
