@@ -98,8 +98,9 @@ def camera_bag(tmp_path):
             writer.write_image('/camera/image_raw', stamp, camera_frame(i), encoding='bgr8')
             if i % 2 == 0:
                 writer.write_navsat('/gps/fix', stamp + MS, 45.0 + i * 1e-5, 7.0, 300.0)
-        # tf2_msgs has no Python package here: replay must skip it and play the rest.
-        writer.write_msg('/tf', T0, types['tf2_msgs/msg/TFMessage'](transforms=[]))
+        # shape_msgs has no Python package here (nor on most robots): replay must skip it and
+        # play the rest. (tf2_msgs was the example until make setup began building it.)
+        writer.write_msg('/mesh', T0, types['shape_msgs/msg/Mesh'](triangles=[], vertices=[]))
     return path
 
 
@@ -124,7 +125,7 @@ def test_replay_across_processes_keeps_order_payload_and_timing(
         assert sub.stdout.readline().strip() == 'READY'
         node = rclpy.create_node('replayer', context=ros_context)
         player = BagPlayer(node, camera_bag)
-        assert player.not_installed == ['/tf (tf2_msgs/msg/TFMessage)']
+        assert player.not_installed == ['/mesh (shape_msgs/msg/Mesh)']
         deadline = time.monotonic() + 15
         while any(p.get_subscription_count() == 0 for p in player.publishers.values()):
             assert time.monotonic() < deadline, 'the subscriber process was never discovered'

@@ -104,7 +104,7 @@ def test_taco_cvgl_bench_says_where_it_went(capsys):
 
 
 def test_the_package_installs_no_benchmark(monkeypatch):
-    assert importlib.util.find_spec('taco_cvgl.tools.bench') is None
+    assert importlib.util.find_spec('taco_cvgl.cli.bench') is None
     import setuptools  # noqa: F401 - provides distutils where Python no longer has it
     from distutils.core import run_setup
     monkeypatch.chdir(ROOT)  # setup.py globs its data files relative to the checkout

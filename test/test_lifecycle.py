@@ -104,7 +104,7 @@ def system(small_map, tmp_path_factory):
 def start_lifecycle_node(name, ros_args, env, log_path):
     """Start `python -m taco_cvgl.ros.lifecycle_node` as test_node.start_node starts cvgl_node."""
     cmd = [sys.executable, '-m', 'taco_cvgl.ros.lifecycle_node', '--ros-args',
-           '-r', f'__node:={name}', '--params-file', str(CONFIG), '-p', 'fast_path:=off',
+           '-r', f'__node:={name}', '--params-file', str(CONFIG), '-p', "fast_path:='off'",
            *ros_args]
     with open(log_path, 'w') as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

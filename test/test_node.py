@@ -166,7 +166,7 @@ def start_node(name, ros_args, env, log_path):
     The eager model unless ros_args name a fast_path: the shipped auto would compile int8 in
     the background of every test node, a minute or two of CPU each (node B tests int8).
     """
-    fast = [] if any('fast_path:=' in a for a in ros_args) else ['-p', 'fast_path:=off']
+    fast = [] if any('fast_path:=' in a for a in ros_args) else ['-p', "fast_path:='off'"]
     cmd = [sys.executable, '-m', 'taco_cvgl.ros.node', '--ros-args', '-r', f'__node:={name}',
            '--params-file', str(CONFIG), *fast, *ros_args]
     log = open(log_path, 'w')

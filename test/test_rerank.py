@@ -222,4 +222,3 @@ def test_a_fit_that_squeezes_the_query_onto_one_spot_is_no_match():
     assert math.sqrt(abs(np.linalg.det(matrix[:, :2]))) == pytest.approx(1.5, rel=1e-4)
     # ...one 20 times larger is outside [1/8, 8].
     assert fit_similarity(src, _similarity(src, 30.0, 20.0, (10, 20)), RerankConfig()) is None
-
