@@ -1,7 +1,7 @@
 """
 Part multi_camera: 4 cameras at 30 Hz into the node's newest-frame-per-camera batching.
 
-Publishes one frame per camera every 1/30 s into one slot per camera while a worker localizes
+Publishes one frame per camera every 1/30 s into the node's FrameSlots while a worker localizes
 every waiting frame at once as a batch; counts dropped frames (a frame replaced before it was
 taken), batch latency and the age of a frame at its fix. On the GPU by default; on the CPU with
 --multi-camera-on-cpu (where it drops frames). Run by bench.py.
@@ -13,7 +13,7 @@ from pathlib import Path
 import tempfile
 import threading
 import time
-from typing import List, Optional
+from typing import List
 
 from bench_common import (bench_model, BenchOptions, FRAME_SHAPE, gpu_reason, load_average,
                           runtime_copy, summarize, synthetic_database, TestImages)
@@ -56,14 +56,15 @@ def measure(options: BenchOptions) -> dict:
 def run_cameras(localizer, messages, decode_msg, to_fix, rate_hz: float,
                 duration: float) -> dict:
     """
-    Publish one frame per camera every 1/rate_hz s into newest-frame slots; localize batches.
+    Publish one frame per camera every 1/rate_hz s into the node's FrameSlots; localize batches.
 
-    As in the node, a frame that arrives while its camera's previous frame is still waiting is
-    a dropped frame; the worker takes every waiting frame at once and localizes them as a batch.
+    The slots are the node's own class (taco_cvgl/ros/slots.py): a frame that arrives while its
+    camera's previous frame is still waiting is a dropped frame; the worker takes every waiting
+    frame at once and localizes them as a batch, as the node's worker does.
     """
+    from taco_cvgl.ros.slots import FrameSlots
     cameras = len(messages)
-    slots: List[Optional[tuple]] = [None] * cameras
-    lock = threading.Condition()
+    slots = FrameSlots(cameras)
     counts = {'published': 0, 'dropped': 0, 'localized': 0}
     batch_ms: List[float] = []
     age_ms: List[float] = []
@@ -80,34 +81,29 @@ def run_cameras(localizer, messages, decode_msg, to_fix, rate_hz: float,
                 time.sleep(delay)
             if time.perf_counter() - start >= duration:
                 break
-            with lock:
-                for c in range(cameras):
-                    if slots[c] is not None:
-                        counts['dropped'] += 1
-                    slots[c] = (messages[c], time.perf_counter())
-                    counts['published'] += 1
-                lock.notify()
+            for c in range(cameras):
+                counts['dropped'] += int(slots.put(c, messages[c]))
+                counts['published'] += 1
             k += 1
 
     def worker():
         while True:
-            with lock:
-                while all(s is None for s in slots) and not stop.is_set():
-                    lock.wait(0.05)
-                taken = [s for s in slots if s is not None]
-                for c in range(cameras):
-                    slots[c] = None
+            with slots.cond:
+                slots.cond.wait_for(lambda: slots.waiting() or stop.is_set(), 0.05)
+            taken = slots.take()
             if not taken:
                 if stop.is_set():
                     return
                 continue
             t0 = time.perf_counter()
-            frames = [decode_msg(msg) for msg, _ in taken]
+            frames = [decode_msg(msg) for _, (msg, _) in taken]
             for m in localizer.localize_batch(frames, [0.0] * len(frames)):
                 to_fix(m)
             done = time.perf_counter()
             batch_ms.append(1000.0 * (done - t0))
-            age_ms.extend(1000.0 * (done - stamp) for _, stamp in taken)
+            # FrameSlots stamps arrivals with time.monotonic(), on the same clock here.
+            now = time.monotonic()
+            age_ms.extend(1000.0 * (now - arrived) for _, (_, arrived) in taken)
             counts['localized'] += len(taken)
 
     threads = [threading.Thread(target=publisher), threading.Thread(target=worker)]
@@ -116,8 +112,8 @@ def run_cameras(localizer, messages, decode_msg, to_fix, rate_hz: float,
     threads[0].join()
     time.sleep(0.2)
     stop.set()
-    with lock:
-        lock.notify_all()
+    with slots.cond:
+        slots.cond.notify_all()
     threads[1].join()
     return {'published': counts['published'], 'dropped': counts['dropped'],
             'localized': counts['localized'], 'batch_latency': summarize(batch_ms),

@@ -27,10 +27,7 @@ class FrameWork:
         """Keep the newest message of a camera; never blocks on the model."""
         with self._cond:
             self._counters.received += 1
-            if self._latest[index] is not None:
-                self._counters.dropped += 1
-            self._latest[index] = (msg, time.monotonic())
-            self._cond.notify()
+            self._counters.dropped += int(self._slots.put(index, msg))
 
     def _store_orientation(self, msg) -> None:
         """
@@ -59,12 +56,10 @@ class FrameWork:
         """Take the newest frame of each camera, localize them as one batch, repeat."""
         while not self._stop.is_set():
             with self._cond:
-                self._cond.wait_for(lambda: self._stop.is_set() or any(self._latest)
+                self._cond.wait_for(lambda: self._stop.is_set() or self._slots.waiting()
                                     or self._pending is not None or self._reset_requested, 0.5)
             self._apply_pending()
-            with self._cond:
-                frames = [(i, f) for i, f in enumerate(self._latest) if f is not None]
-                self._latest = [None] * len(self._latest)
+            frames = self._slots.take()
             if not frames:
                 continue
             rate = self.params.max_rate_hz

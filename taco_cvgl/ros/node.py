@@ -77,6 +77,7 @@ from taco_cvgl.ros.diagnostics import Counters, Diagnostics
 from taco_cvgl.ros.frames import FrameWork
 from taco_cvgl.ros.params import check_topics, declare
 from taco_cvgl.ros.runtime import MAP_NOTE, RuntimeChanges  # noqa: F401 - lifecycle_node's
+from taco_cvgl.ros.slots import FrameSlots
 
 NODE_NAME = 'cvgl_node'
 # Orientation messages come at IMU rates, many per frame: a deeper queue than the images'.
@@ -109,7 +110,7 @@ class CVGLCore(FrameWork, RuntimeChanges, Diagnostics):
                 'ros-$ROS_DISTRO-geographic-msgs for the GeoPose with heading)')
         self._cond = threading.Condition()
         self._topics: List[str] = []
-        self._latest: List[Optional[tuple]] = []
+        self._slots = FrameSlots(0, self._cond)     # the newest frame of each camera
         self._pending: Optional[NodeParams] = None  # checked run-time changes, for the worker
         self._pending_map = None                    # a loaded map (localizer), for the worker
         self._reset_requested = False
@@ -134,7 +135,7 @@ class CVGLCore(FrameWork, RuntimeChanges, Diagnostics):
         compressed = p.image_transport == 'compressed'
         self._topics = [self.resolve_topic_name(t) + ('/compressed' if compressed else '')
                         for t in p.image_topics]
-        self._latest = [None] * len(self._topics)
+        self._slots.reset(len(self._topics))
         from taco_cvgl.localization.localizer import CVGLLocalizer  # torch: after checks
         self.localizer = CVGLLocalizer.from_settings(p, report_upgrade=self.get_logger().info)
         embedder = self.localizer.model   # the model, or a fast backend around it
@@ -212,8 +213,7 @@ class CVGLCore(FrameWork, RuntimeChanges, Diagnostics):
         self._stop_mounts()
         self._stop_diagnostics()
         self._inputs, self._orientation_topic = [], ''
-        with self._cond:
-            self._latest = [None] * len(self._latest)
+        self._slots.reset()
 
     def _subscribe_orientation(self, p: NodeParams) -> str:
         """Subscribe to orientation_topic (qos_reliability as the images); return it resolved."""
