@@ -223,3 +223,19 @@ def _same_shape_arrays(images: Sequence) -> bool:
         return False
     return all(isinstance(im, np.ndarray) and im.shape == first.shape and im.dtype == np.uint8
                for im in images)
+
+
+# Compiled code is cached per Python function, not per module: every embedder (and every
+# batch size and input size) adds its own entry to one forward's cache. torch's default limit
+# of 8 entries would silently leave the later ones in eager mode.
+MIN_RECOMPILE_LIMIT = 64
+
+
+def compile_module(module: nn.Module):
+    """Return torch.compile(module) for fixed-shape inference (inductor, one graph per shape)."""
+    import torch._dynamo
+    config = torch._dynamo.config
+    for name in ('recompile_limit', 'cache_size_limit'):
+        if hasattr(config, name) and getattr(config, name) < MIN_RECOMPILE_LIMIT:
+            setattr(config, name, MIN_RECOMPILE_LIMIT)
+    return torch.compile(module, dynamic=False, fullgraph=False)

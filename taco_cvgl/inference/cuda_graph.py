@@ -20,8 +20,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from taco_cvgl.errors import InputError
-from taco_cvgl.inference.base import (BuildRequest, DEFAULT_BATCH_SIZES, FastPathError,
-                                      NetworkUnderAutocast)
+from taco_cvgl.inference.base import (BuildRequest, compile_module, DEFAULT_BATCH_SIZES,
+                                      FastPathError, NetworkUnderAutocast)
 from taco_cvgl.model.preprocess import frames_to_input, mean_std
 import torch
 import torch.nn as nn
@@ -158,7 +158,6 @@ class CudaGraphRunner:
         """Capture lazily: each batch size and frame shape on its first call (or warm_up)."""
         if network.device_.type != 'cuda':
             raise FastPathError('CUDA graphs need a CUDA device')
-        from taco_cvgl.inference.torch_compile import compile_module
         self.name = 'compile' if compiled else 'cuda_graph'
         self.config = config
         self.batch_sizes = batch_sizes

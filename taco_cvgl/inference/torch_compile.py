@@ -10,25 +10,10 @@ so `warm_up` the sizes a node will use.
 
 from __future__ import annotations
 
-from taco_cvgl.inference.base import BuildRequest, FastPathError
+from taco_cvgl.inference.base import BuildRequest, compile_module, FastPathError
 from taco_cvgl.inference.cpu import CastInput, find_cxx_compiler, precision_dtype, weights_copy
+from taco_cvgl.inference.cuda_graph import CudaGraphRunner
 import torch
-import torch.nn as nn
-
-# Compiled code is cached per Python function, not per module: every embedder (and every
-# batch size and input size) adds its own entry to one forward's cache. torch's default limit
-# of 8 entries would silently leave the later ones in eager mode.
-MIN_RECOMPILE_LIMIT = 64
-
-
-def compile_module(module: nn.Module):
-    """Return torch.compile(module) for fixed-shape inference (inductor, one graph per shape)."""
-    import torch._dynamo
-    config = torch._dynamo.config
-    for name in ('recompile_limit', 'cache_size_limit'):
-        if hasattr(config, name) and getattr(config, name) < MIN_RECOMPILE_LIMIT:
-            setattr(config, name, MIN_RECOMPILE_LIMIT)
-    return torch.compile(module, dynamic=False, fullgraph=False)
 
 
 class CompiledCpu:
@@ -55,6 +40,5 @@ class CompiledCpu:
 def build(request: BuildRequest):
     """Return the compiled network: CUDA graphs of it on CUDA, inductor's C++ on the CPU."""
     if request.device.type == 'cuda':
-        from taco_cvgl.inference.cuda_graph import CudaGraphRunner
         return CudaGraphRunner(request.network, request.config, request.batch_sizes, True)
     return CompiledCpu(request.model, request.precision, request.config)

@@ -22,11 +22,10 @@ from typing import Any, Dict, Optional, Tuple
 
 from taco_cvgl.errors import InputError
 from taco_cvgl.files.image_codec import MAX_IMAGE_PIXELS
+from taco_cvgl.model.config import PRECISIONS
 
 # A device name: the regular expression it must match, and the same in words.
 DEVICE_PATTERN = (re.compile(r'auto|cpu|cuda(:\d+)?'), 'auto, cpu, cuda or cuda:N')
-# Autocast precisions of the model, by the names every entry point takes.
-PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
 # Inference backends by name (`taco_cvgl/inference/registry.py`; 'off': the eager model).
 FAST_PATHS = ('off', 'auto', 'cuda_graph', 'compile', 'onnxruntime', 'jit', 'int8', 'eager')
 # How the params file and the parameter descriptors mark a setting the running node applies.

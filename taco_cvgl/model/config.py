@@ -30,6 +30,8 @@ BACKBONES = ('convnext_tiny', 'efficientnet_lite2')
 BACKBONE_MEAN_STD = {'convnext_tiny': (IMAGENET_MEAN, IMAGENET_STD),
                      'efficientnet_lite2': (LITE_MEAN, LITE_STD)}
 POOLINGS = ('avg', 'gem')
+# Autocast precisions of the model, by the names every entry point takes.
+PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
 NORMALIZATIONS = ('imagenet', 'per_image')
 # Bounds that keep a config (a file's, perhaps a hostile one) from asking for terabytes: a
 # 16384 x 16384 head layer is 1 GiB in fp32, a 4096 x 4096 input 200 MB per image.

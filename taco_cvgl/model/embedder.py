@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 import zipfile
 
-import numpy as np
 from taco_cvgl.errors import first_line, InputError, MismatchError, TacoError
 from taco_cvgl.files.atomic import atomic_path
-from taco_cvgl.localization.settings import PRECISIONS
 from taco_cvgl.model.backbones import (  # noqa: F401 - re-exported
     BACKBONE_CHANNELS, build_backbone, imagenet_weights_path, key_difference, tensor_state)
-from taco_cvgl.model.config import ModelConfig
+from taco_cvgl.model.config import ModelConfig, PRECISIONS
 from taco_cvgl.model.preprocess import prepare_batch
 import torch
 import torch.nn as nn
@@ -400,8 +398,3 @@ class ImageRetrievalModel(nn.Module):
             first = str(exc).splitlines()[0]
             raise MismatchError(f'weights {path} do not fit the model in their config: '
                                 f'{first}') from None
-
-
-def embeddings_to_numpy(tensor: torch.Tensor, dtype=np.float32) -> np.ndarray:
-    """Return a C-contiguous numpy copy of an embedding tensor."""
-    return np.ascontiguousarray(tensor.detach().float().cpu().numpy().astype(dtype, copy=False))

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from taco_cvgl.errors import InputError
-from taco_cvgl.localization.settings import PRECISIONS
-from taco_cvgl.model.config import BACKBONES
+from taco_cvgl.model.config import BACKBONES, PRECISIONS
 
 WEIGHTS_NAME = 'weights.safetensors'
 RUN_FILE = 'run.json'
