@@ -7,6 +7,7 @@ yaw 0 faces east (heading 90); a yaw variance of (0.1 rad)^2 is a sigma of 5.730
 
 import json
 import math
+import time
 
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
@@ -228,6 +229,23 @@ def test_node_takes_priors_from_the_topic_and_outlives_bad_ones(small_map, tmp_p
         frame(6020)
         listener.wait_for(lambda: value('frames_with_heading_prior') > with_before,
                           what='the raised max age to give the frame a prior')
+        # A compass stamped 10 ms after the camera and sent 50 ms after the image: the worker
+        # waits for it instead of localizing the frame without a prior (held: 40 s older).
+        request = SetParameters.Request(parameters=[
+            Parameter('orientation_max_age_s', value=0.5).to_parameter_msg()])
+        result, = listener.call(SetParameters, f'/{NODE}/set_parameters', request).results
+        assert result.successful, result.reason
+        with_before = value('frames_with_heading_prior')
+        jpeg.header.stamp = Time(sec=6040)
+        camera.publish(jpeg)
+        time.sleep(0.05)
+        late = imu_msg(6040, NORTH)
+        late.header.stamp = Time(sec=6040, nanosec=10_000_000)
+        imu.publish(late)
+        listener.wait_for(lambda: with_stamp(listener.received['/o/fix'], [6040, 0]), 10.0,
+                          'the fix of the frame sent once')
+        listener.wait_for(lambda: value('frames_with_heading_prior') > with_before,
+                          what='the frame to wait for the compass stamped just after it')
         assert proc.poll() is None
         log = log_of(proc)
         assert 'ignored an orientation message' in log and 'not finite' in log

@@ -121,6 +121,10 @@ class OrientationBuffer:
         if len(self._stamps) > self.max_samples:
             del self._stamps[0], self._priors[0]
 
+    def newest_ns(self) -> Optional[int]:
+        """Return the latest stamp held (ns), or None before the first sample."""
+        return self._stamps[-1] if self._stamps else None
+
     def prior_at(self, stamp_ns: int, max_age_s: float) -> Matched:
         """
         Return the prior at a stamp, or None and why there is none.

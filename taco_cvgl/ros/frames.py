@@ -17,6 +17,9 @@ from taco_cvgl.ros import messages
 from taco_cvgl.ros.extrinsics import CameraMounts, Mount, to_base
 
 WARN_THROTTLE_S = 5.0  # at most one warning of a kind per this many seconds
+# How long the worker waits for an orientation message stamped after the newest image (one in
+# flight: a compass stamped a few ms after the camera often arrives just after the image).
+ORIENTATION_WAIT_S = 0.25
 
 
 class FrameWork:
@@ -47,6 +50,7 @@ class FrameWork:
                 self._counters.bad_orientations += 1
             else:
                 self._orientation.add(stamp, prior)
+                self._cond.notify_all()   # a worker may wait for it (_heading_priors)
         if prior is None:
             self.get_logger().warning(f'{self._orientation_topic}: ignored an orientation '
                                       f'message: {reason}', throttle_duration_sec=WARN_THROTTLE_S)
@@ -130,11 +134,23 @@ class FrameWork:
             self._mounts = None
 
     def _heading_priors(self, stamps) -> list:
-        """Return (prior or None, reason) of each image stamp; [] without orientation_topic."""
+        """
+        Return (prior or None, reason) of each image stamp; [] without orientation_topic.
+
+        Once orientation messages flow, a batch whose newest image is later than every message
+        held waits up to ORIENTATION_WAIT_S (at most orientation_max_age_s) for one stamped at
+        or after it, as an approximate-time synchroniser would: otherwise a compass stamped
+        just after the camera always loses the race and its frames go without a prior.
+        """
         if not self._orientation_topic:
             return []
         max_age_s = self.params.orientation_max_age_s
+        latest = max(s.sec * 10**9 + s.nanosec for s in stamps)
         with self._cond:
+            if self._orientation.newest_ns() is not None:
+                self._cond.wait_for(lambda: self._stop.is_set()
+                                    or self._orientation.newest_ns() >= latest,
+                                    min(ORIENTATION_WAIT_S, max_age_s))
             return [self._orientation.prior_at(s.sec * 10**9 + s.nanosec, max_age_s)
                     for s in stamps]
 
