@@ -192,3 +192,16 @@ def test_build_db_writes_removes_and_adds_the_features_file(tile_map, tmp_path, 
     with pytest.raises(SystemExit):
         build_db_main(['--images', 'x'])
     assert 'required: --out, --weights' in capsys.readouterr().err
+
+
+def test_a_map_without_its_images_starts_no_int8_build_it_could_not_calibrate(tile_map, tmp_path):
+    from taco_cvgl.localization.localizer import CVGLLocalizer
+    from taco_cvgl.localization.settings import NodeParams
+    moved = moved_without_images(tile_map, tmp_path)
+    said = []
+    localizer = CVGLLocalizer.from_settings(
+        NodeParams(weights=str(tile_map[2]), database=str(moved), device='cpu',
+                   fast_path='auto', rerank=False), report_upgrade=said.append)
+    # int8 calibrates on the map's images; none here: a quicker backend, no doomed build.
+    assert localizer.upgrade is None and said == []
+    assert localizer.model.backend != 'int8'

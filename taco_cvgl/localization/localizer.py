@@ -244,7 +244,8 @@ class CVGLLocalizer:
             localizer.model = make_embedder(model, params.fast_path,
                                             calibration_images=calibration,
                                             compile_int8=params.fast_path != 'auto')
-            if report_upgrade is not None and params.fast_path == 'auto' and \
+            # int8 needs the map's images to calibrate: without them a build could only fail.
+            if report_upgrade is not None and params.fast_path == 'auto' and calibration and \
                     localizer.model.device.type == 'cpu' and localizer.model.backend != 'int8':
                 from taco_cvgl.inference.registry import upgrade_in_background
                 localizer.upgrade = upgrade_in_background(
