@@ -185,8 +185,13 @@ def other_tiles(sources: np.ndarray, n_real: int, rng: np.random.Generator) -> n
     return (base + shift) % n_real if n_real > 1 else np.zeros(len(sources), np.int64)
 
 
-def build_map(real, size: int, path: Path, kind: str, cosine: float, seed: int) -> Path:
-    """Write the real database plus size - len(real) distractors to `path`."""
+def build_map(real, size: int, path: Path, kind: str, cosine: float, seed: int
+              ) -> Tuple[Path, np.ndarray]:
+    """
+    Write the real database plus size - len(real) distractors to `path`.
+
+    Returns the path and, for every entry, the real tile whose image (and features) it has.
+    """
     from taco_cvgl.mapdb.database import EmbeddingDatabase
     n_real, extra = len(real), size - len(real)
     rng = np.random.default_rng(seed)
@@ -203,7 +208,40 @@ def build_map(real, size: int, path: Path, kind: str, cosine: float, seed: int) 
                                   np.asarray(real.image_ids, str)[tiles]]),
         model_config=real.model_config, model_fingerprint=real.model_fingerprint,
         meta=dict(real.meta))   # grid spacing, gsd and calibrations stay the real map's
-    return db.save(path, dtype='fp16')
+    return db.save(path, dtype='fp16'), np.concatenate([np.arange(n_real), tiles])
+
+
+class AliasedStore:
+    """The stored features of a grown map: each entry's are those of the real tile it shows."""
+
+    def __init__(self, real_store, tiles: np.ndarray):
+        """real_store: the real map's stored features; tiles[i]: the real tile of entry i."""
+        self.real_store, self.tiles = real_store, tiles
+
+    def __len__(self) -> int:
+        """Return the number of entries of the grown map."""
+        return len(self.tiles)
+
+    def __getitem__(self, index: int):
+        """Return entry `index`'s features, read from the real map's file."""
+        return self.real_store[int(self.tiles[int(index)])]
+
+
+def stored_reranker(real, database: Path, tiles: np.ndarray, config):
+    """
+    Return a reranker of the grown map that reads the real map's features file, or None.
+
+    A map built by build-db carries its features file; the grown maps' distractors reuse real
+    tiles, so their stored features are the real tiles' (no file of 100k entries is written).
+    """
+    from taco_cvgl.localization.rerank import Reranker
+    from taco_cvgl.mapdb.map_features import features_path, make_reranker
+    if config is None or not features_path(database).is_file():
+        return None
+    real_reranker = make_reranker(real, database, config)
+    if real_reranker.stored is None:
+        return None
+    return Reranker(None, config, stored=AliasedStore(real_reranker.stored, tiles))
 
 
 # ------------------------------------------------------------------------------ timing
@@ -222,6 +260,8 @@ class StageClock:
         self.cpu = dict.fromkeys(STAGES, 0.0)
         self.calls = dict.fromkeys(STAGES, 0)
         self.checked = self.distractors = self.extracted = 0
+        self.kept = self.asked = 0      # exact top-k entries an approximate index also returned
+        self.reference_s = self.reference_cpu_s = 0.0   # the exact search compared with
 
     def _timed(self, stage: str, fn):
         @functools.wraps(fn)
@@ -237,6 +277,21 @@ class StageClock:
                 self.cpu[stage] += time.process_time() - cpu
                 self.calls[stage] += 1
         return timed
+
+    def _compared_search(self, fn, reference):
+        """Wrap an approximate search: count how much of the exact top-k it returns (untimed)."""
+        @functools.wraps(fn)
+        def search(queries, k):
+            idx, sim = fn(queries, k)
+            start, cpu = time.perf_counter(), time.process_time()
+            exact, _ = reference.search(queries, k)     # neither timed nor counted in the frame
+            self.reference_s += time.perf_counter() - start
+            self.reference_cpu_s += time.process_time() - cpu
+            for got, wanted in zip(idx, exact):
+                self.kept += len(set(got.tolist()) & set(wanted.tolist()))
+                self.asked += len(wanted)
+            return idx, sim
+        return search
 
     def _counted_verify(self, fn):
         @functools.wraps(fn)
@@ -266,7 +321,11 @@ class StageClock:
         import taco_cvgl.localization.localizer as module
         model, index, reranker = localizer.model, localizer.index, localizer.reranker
         self._patch(model, 'encode_batch', self._timed('embed', model.encode_batch))
-        self._patch(index, 'search', self._timed('search', index.search))
+        search = self._timed('search', index.search)
+        if getattr(index, 'kind', 'exact') != 'exact':
+            from taco_cvgl.mapdb.search import ExactIndex
+            search = self._compared_search(search, ExactIndex(localizer.database.embeddings))
+        self._patch(index, 'search', search)
         if reranker is not None:
             self._patch(reranker, 'query_features',
                         self._timed('verify', reranker.query_features))
@@ -292,14 +351,16 @@ def localize_one(localizer, frame: Frame, clock: StageClock) -> Dict:
     clock.reset()
     wall, cpu = time.perf_counter(), time.process_time()
     m = localizer.localize(frame.rgb, timestamp=frame.stamp_s)
-    total = 1000.0 * (time.perf_counter() - wall)
+    total = 1000.0 * (time.perf_counter() - wall - clock.reference_s)
     row = {f'{s}_ms': 1000.0 * clock.wall[s] for s in STAGES}
     row['other_ms'] = total - sum(row.values())
     row.update({f'{s}_cpu_ms': 1000.0 * clock.cpu[s] for s in STAGES})
     on_distractor = bool(m.fix and m.verified and m.matches[0].index >= clock.n_real)
-    row.update(total_ms=total, total_cpu_ms=1000.0 * (time.process_time() - cpu),
+    cpu_ms = 1000.0 * (time.process_time() - cpu - clock.reference_cpu_s)
+    row.update(total_ms=total, total_cpu_ms=cpu_ms,
                checked=clock.checked, distractors_checked=clock.distractors,
                features_extracted=clock.extracted, calls=dict(clock.calls),
+               exact_kept=clock.kept, exact_asked=clock.asked,
                verified=bool(m.verified), fix=bool(m.fix), fix_on_distractor=on_distractor,
                frame=frame.name)
     return row
@@ -338,6 +399,9 @@ def summarize(rows: List[Dict]) -> Dict:
         out['estimate'] = {'p50': None, 'p90': None}
     for key in ('checked', 'distractors_checked', 'features_extracted'):
         out[f'{key}_per_frame'] = round(float(np.mean([r[key] for r in rows])), 2)
+    asked = sum(r['exact_asked'] for r in rows)
+    out['exact_topk_kept'] = None if not asked else \
+        round(sum(r['exact_kept'] for r in rows) / asked, 4)
     out.update(frames=len(rows), verified=sum(r['verified'] for r in rows),
                fixes=sum(r['fix'] for r in rows),
                fixes_on_distractors=sum(r['fix_on_distractor'] for r in rows))
@@ -396,11 +460,21 @@ class MapRun:
                 **summarize(rows), 'per_frame': rows}
 
 
-def load_map_run(params, size: int, warm_up: Frame) -> MapRun:
-    """Load the localizer the settings describe and localize one untimed frame."""
+def load_map_run(params, size: int, warm_up: Frame, real=None, database: Optional[Path] = None,
+                 tiles: Optional[np.ndarray] = None) -> MapRun:
+    """
+    Load the localizer the settings describe and localize one untimed frame.
+
+    With the real map (real, its database path, and each entry's real tile), its verification
+    reads the real map's features file where there is one, as on a map built by build-db.
+    """
     from taco_cvgl.localization.localizer import CVGLLocalizer
     start = time.perf_counter()
     localizer = CVGLLocalizer.from_settings(params)
+    if real is not None:
+        stored = stored_reranker(real, database, tiles, localizer.config.rerank)
+        if stored is not None:
+            localizer.reranker = stored
     load_s = time.perf_counter() - start
     memory = memory_per_entry(localizer.index, size, localizer.model.config.embedding_dim)
     kind = getattr(localizer.index, 'kind', type(localizer.index).__name__)
@@ -452,7 +526,12 @@ def cell(stats: Dict[str, Optional[float]]) -> str:
 HEADER = (f"{'entries':>8} {'mode':<10}{'index':<6}{'n':>3} {'embed':>11} {'search':>11} "
           f"{'verify':>13} {'estimate':>9} {'total':>13} {'cpu':>7} {'x1st':>5} {'chk':>6} "
           f"{'dis':>5} "
-          f"{'sift':>5} {'fix':>5} {'B/entry':>13} {'load s':>7}")
+          f"{'sift':>5} {'kept':>5} {'fix':>5} {'B/entry':>13} {'load s':>7}")
+
+
+def kept_text(kept: Optional[float]) -> str:
+    """Format the share of the exact top-k an approximate index kept ('' for exact)."""
+    return '' if kept is None else format(kept, '.3f')
 
 
 def table_line(row: Dict, first_total: Optional[float]) -> str:
@@ -468,6 +547,7 @@ def table_line(row: Dict, first_total: Optional[float]) -> str:
             f"{'' if growth is None else format(growth, '.2f'):>5} "
             f"{row['checked_per_frame']:>6.1f} {row['distractors_checked_per_frame']:>5.1f} "
             f"{row['features_extracted_per_frame']:>5.1f} "
+            f"{kept_text(row['exact_topk_kept']):>5} "
             f"{row['fixes']:>2}/{row['frames']:<2} {mem_text:>13} {row['load_s']:>7.1f}")
 
 
@@ -476,7 +556,8 @@ def print_table(runs: List[Dict]) -> None:
     print('\ntimes: p50/p90 ms per frame (wall); cpu: p50 process CPU ms per frame; x1st: '
           "median total / the smallest map's (same mode); "
           'chk: candidates verified per frame, dis: of them distractors, sift: database tiles '
-          'described per frame (feature-cache misses); fix: fixes / frames; B/entry: '
+          'described per frame (feature-cache misses); kept: share of the exact top-k an '
+          'approximate index returned; fix: fixes / frames; B/entry: '
           'embedding + index bytes')
     print(HEADER)
     first: Dict[str, float] = {}
@@ -566,11 +647,12 @@ def run(args) -> Dict:
         loaded = []
         for size in sizes:
             start = time.perf_counter()
-            path = build_map(real, size, Path(tmp) / f'map_{size}.npz', args.distractors,
-                             cosine, args.seed)
+            path, tiles = build_map(real, size, Path(tmp) / f'map_{size}.npz',
+                                    args.distractors, cosine, args.seed)
             params = settings(args.params_file, weights=str(args.weights), database=str(path),
                               index=args.index, device=args.device)
-            loaded.append(load_map_run(params, size, frames[0]))
+            loaded.append(load_map_run(params, size, frames[0], *(
+                (real, args.database, tiles) if args.features == 'stored' else ())))
             print(f'  {size} entries: map written and loaded in '
                   f'{time.perf_counter() - start:.1f} s', flush=True)
         runs = measure(loaded, frames[1:], len(real), whole_up_to, args.whole_map_frames)
@@ -623,6 +705,10 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument('--distractor-cosine', type=float, default=None,
                         help="perturbed distractors' cosine to their source entry (default: "
                              'the median nearest-neighbour cosine of the real map)')
+    parser.add_argument('--features', choices=('stored', 'images'), default='stored',
+                        help="where verification reads the tiles' features: the real map's "
+                             'features file, as on a map built by build-db (default, where the '
+                             'file exists), or the tile images (described on first sight)')
     parser.add_argument('--seed', type=int, default=0, help='distractor seed')
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads for torch, OpenCV and faiss (default: theirs, as in '

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 from taco_cvgl.errors import InputError, MismatchError, TacoError
 from taco_cvgl.geo.geodesy import angle_difference_deg, from_enu, to_enu, wrap_degrees
+from taco_cvgl.geo.place_grid import PlaceGrid
 from taco_cvgl.localization.estimate import (estimate_pose, EstimatorConfig, mahalanobis_sq,
                                              PoseEstimate)
 from taco_cvgl.localization.heading import (HeadingPrior, merge_rotations, north_up,
@@ -34,6 +35,8 @@ CAMERA_MODELS = ('nadir', 'forward')
 # A forward camera's map entries within about a field of view of the prior count as facing the
 # same way: the spread added to the prior's sigma before an entry's heading is weighed.
 FORWARD_HEADING_SPREAD_DEG = 30.0
+# Cells of the places' grid (metres): four grid strides, or this where the map has no stride.
+PLACE_CELL_M = 200.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +190,7 @@ class CVGLLocalizer:
         self.index = None
         self.reranker: Optional[Reranker] = None
         self._enu = None          # database places in a local ENU frame (for the prior)
+        self._places: Optional[PlaceGrid] = None   # the same places, bucketed for the gate
         self.track = ConstantVelocityTrack(config.track_config())
         self.upgrade = None       # the thread compiling a faster backend (from_settings)
         self._fingerprint = model.fingerprint()
@@ -275,6 +279,9 @@ class CVGLLocalizer:
             raise InputError(f'database {path}: its calibration: {exc}') from None
         self._estimator = self._scaled_estimator()
         self._enu = to_enu(*self._origin, db.latitude, db.longitude)
+        spacing = float(db.grid_spacing_m or 0.0)
+        self._places = PlaceGrid(self._enu, 4.0 * spacing if math.isfinite(spacing) and
+                                 spacing > 0 else PLACE_CELL_M)
         self.track.reset()
         return db
 
@@ -525,10 +532,14 @@ class CVGLLocalizer:
             return none
         mean, covariance = prediction
         gate = covariance + (config.prior_radius_m / 3.0) ** 2 * np.eye(2)
-        distance_sq = mahalanobis_sq(self._enu - mean, gate[None])
+        # Only the places in the gate's bounding box can be inside it (3 sigma on each axis).
+        reach = 3.0 * np.sqrt(np.diag(gate))
+        boxed = self._places.within(mean - reach, mean + reach)
+        distance_sq = mahalanobis_sq(self._enu[boxed] - mean, gate[None])
         seen = set(checked)
-        near = [int(j) for j in np.argsort(distance_sq, kind='stable')[:config.prior_candidates]
-                if distance_sq[j] <= 9.0 and int(j) not in seen]
+        near = [int(boxed[j])
+                for j in np.argsort(distance_sq, kind='stable')[:config.prior_candidates]
+                if distance_sq[j] <= 9.0 and int(boxed[j]) not in seen]
         if not near:
             return none
         # Their similarities are computed exactly, so the estimate weighs them like the rest.
