@@ -217,6 +217,7 @@ class AliasedStore:
     def __init__(self, real_store, tiles: np.ndarray):
         """real_store: the real map's stored features; tiles[i]: the real tile of entry i."""
         self.real_store, self.tiles = real_store, tiles
+        self.matcher = getattr(real_store, 'matcher', 'sift')     # whose features they are
 
     def __len__(self) -> int:
         """Return the number of entries of the grown map."""
@@ -236,7 +237,7 @@ def stored_reranker(real, database: Path, tiles: np.ndarray, config):
     """
     from taco_cvgl.localization.rerank import Reranker
     from taco_cvgl.mapdb.map_features import features_path, make_reranker
-    if config is None or not features_path(database).is_file():
+    if config is None or not features_path(database, config.matcher).is_file():
         return None
     real_reranker = make_reranker(real, database, config)
     if real_reranker.stored is None:

@@ -112,7 +112,17 @@ def test_calibrate_to_another_file_takes_the_features_along(scene, tiles_map, tm
     bag = write_flight(tmp_path / 'short', views_of(scene, tiles, FLIGHT[:2], FAR[:1]))
     out = tmp_path / 'calibrated' / 'map2.npz'
     out.parent.mkdir()
-    assert calibrate.main(calibrate_args(root, db_path, bag, '--out', str(out))) == 0
+    # Every matcher's file goes along (copied as bytes, so any bytes stand in for DISK's); a
+    # stale file of a matcher the map has none of is removed from beside the new database.
+    disk = features_path(db_path, 'disk_lightglue')
+    disk.write_bytes(b'the DISK features of map.npz')
+    features_path(out, 'aliked_lightglue').write_bytes(b'those of a database replaced')
+    try:
+        assert calibrate.main(calibrate_args(root, db_path, bag, '--out', str(out))) == 0
+    finally:
+        disk.unlink()
+    assert features_path(out, 'disk_lightglue').read_bytes() == b'the DISK features of map.npz'
+    assert not features_path(out, 'aliked_lightglue').exists()
     assert 'only 2 verified fixes of 3 frames' in capsys.readouterr().out
     assert sha256_of(db_path) == original          # --out: the map itself is not touched
     db = EmbeddingDatabase.load(out)

@@ -122,24 +122,33 @@ def test_a_missing_package_says_how_to_install_it_or_to_use_sift(monkeypatch):
         learned_matching._models.__wrapped__('aliked_lightglue')
 
 
-def test_the_learned_matcher_reads_images_not_the_sift_store(tile_map, tmp_path):
+def test_the_learned_matcher_reads_its_own_store_or_the_images_never_sifts(tile_map, tmp_path):
     folder = tmp_path / 'map'
     shutil.copytree(tile_map[1].parent, folder)
     db_path = folder / 'map.npz'
     db = EmbeddingDatabase.load(db_path)
     write_features(db, db_path)
     assert make_reranker(db, db_path, RerankConfig()).stored is not None   # SIFT: the store
-    if not MISSING:
+    if not MISSING:     # a SIFT store only: the learned matcher reads the images
         learned = make_reranker(db, db_path, LEARNED)
         assert learned.stored is None and learned.load_image is not None
+    sift_store = make_reranker(db, db_path, RerankConfig()).stored
+    with pytest.raises(InputError, match='the stored map features are sift features, and rerank '
+                       'matcher aliked_lightglue matches its own'):
+        Reranker(None, LEARNED, stored=sift_store)
     shutil.rmtree(folder / 'tiles')
-    with pytest.raises(InputError, match=f'rerank matcher aliked_lightglue extracts its '
-                       f'features from the database images, but {len(db)} of {len(db)} .* '
-                       f'{features_path(db_path)} holds SIFT features only; restore them, or '
-                       r'verify with SIFT \(rerank_matcher:=sift\)$'):
+    with pytest.raises(InputError, match=f'but {len(db)} of {len(db)} images .* are missing .* '
+                       f'build-db --features-only --db {db_path} --matcher aliked_lightglue, or '
+                       rf'verify with SIFT \(rerank_matcher:=sift\), whose features file '
+                       f'{features_path(db_path)} is there, or turn re-ranking off'):
         make_reranker(db, db_path, LEARNED)
-    with pytest.raises(InputError, match='stored map features are SIFT features'):
-        Reranker(None, LEARNED, stored=make_reranker(db, db_path, RerankConfig()).stored)
+    if not MISSING:     # its own store: no image needed
+        shutil.copytree(tile_map[1].parent / 'tiles', folder / 'tiles')
+        write_features(db, db_path, matcher='aliked_lightglue')
+        shutil.rmtree(folder / 'tiles')
+        learned = make_reranker(db, db_path, LEARNED)
+        assert learned.load_image is None and learned.stored.matcher == 'aliked_lightglue'
+        assert len(learned.database_features(0).points) == 512
 
 
 def test_the_matcher_is_a_setting_fixed_when_the_map_is_loaded():

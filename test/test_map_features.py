@@ -146,19 +146,24 @@ def test_a_store_of_another_database_or_setting_is_refused(tile_map, tmp_path):
     assert len(make_reranker(EmbeddingDatabase.load(moved), moved, CONFIG).stored) == len(db)
 
 
+def refuses_damage(path, good, load, hint=''):
+    """Check that load() refuses path cut in half, then path with one bit flipped."""
+    path.write_bytes(good[:len(good) // 2])
+    with pytest.raises(InputError, match=rf'features file {path} is not readable.*{hint}'):
+        load()
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0x40           # one bit, inside the descriptors
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match=rf'not readable.*CRC.*{hint}'):
+        load()
+
+
 def test_a_truncated_or_damaged_store_is_refused(tile_map, tmp_path):
     moved = moved_without_images(tile_map, tmp_path)
     db = EmbeddingDatabase.load(moved)
     path = features_path(moved)
     good = path.read_bytes()
-    path.write_bytes(good[:len(good) // 2])
-    with pytest.raises(InputError, match=f'features file {path} is not readable'):
-        make_reranker(db, moved, CONFIG)
-    damaged = bytearray(good)
-    damaged[len(good) // 2] ^= 0x40           # one bit, inside the descriptors
-    path.write_bytes(bytes(damaged))
-    with pytest.raises(InputError, match='not readable.*CRC'):
-        make_reranker(db, moved, CONFIG)
+    refuses_damage(path, good, lambda: make_reranker(db, moved, CONFIG))
     shutil.copy(moved, path)                  # a database where the features belong
     with pytest.raises(InputError, match='is not a taco_cvgl features file'):
         make_reranker(db, moved, CONFIG)
@@ -192,6 +197,13 @@ def test_build_db_writes_removes_and_adds_the_features_file(tile_map, tmp_path, 
     with pytest.raises(SystemExit):
         build_db_main(['--images', 'x'])
     assert 'required: --out, --weights' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_db_main(base + ['--no-features', '--matcher', 'sift'])
+    assert '--no-features writes none' in capsys.readouterr().err
+    assert build_db_main(['--features-only', '--db', str(out), '--matcher', 'sift,orb']) == 2
+    assert '--matcher takes sift, aliked_lightglue, disk_lightglue (repeated or ' \
+        "comma-separated), got 'orb'" in capsys.readouterr().err
+    assert features_path(out).read_bytes() == written
 
 
 def test_a_map_without_its_images_starts_no_int8_build_it_could_not_calibrate(tile_map, tmp_path):

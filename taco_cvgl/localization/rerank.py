@@ -12,6 +12,8 @@ The point matcher is a plug-in chosen by `RerankConfig.matcher` (`PointMatcher`)
 learned keypoints matched by LightGlue (taco_cvgl.localization.learned_matching: aliked_lightglue,
 disk_lightglue), which finds correspondences where SIFT finds few (dense forest, haze). Every
 matcher's correspondences go through the same RANSAC fit (`fit_similarity`) and verification.
+A map's features, of each matcher, can be stored beside its database (mapdb/map_features.py,
+written by build-db): the Reranker then verifies from them, with no map image read.
 
 From the winning similarity transform:
 - heading: the direction the query image's top points to, measured in the candidate image, plus
@@ -206,17 +208,18 @@ class Reranker:
         """
         load_image(index) returns the RGB database image of a database entry.
 
-        stored[index], when given, returns that entry's features as extracted before
-        (mapdb/map_features.py): no image is read then, and nothing is cached, since an entry
-        comes out of the (memory-mapped) store in tens of microseconds. Otherwise features are
-        extracted from the images on first use and the last config.cache_size are kept.
-        Stored features are SIFT's: a learned matcher (config.matcher) reads the images.
+        stored[index], when given, returns that entry's features as extracted before by the
+        configured matcher (mapdb/map_features.py; stored.matcher names it, 'sift' when it does
+        not say): no image is read then, and nothing is cached, since an entry comes out of the
+        (memory-mapped) store in well under a millisecond. Otherwise features are extracted
+        from the images on first use and the last config.cache_size are kept.
         """
         if load_image is None and stored is None:
             raise ValueError('Reranker needs load_image or stored features')
-        if stored is not None and config.matcher != 'sift':
-            raise InputError(f'stored map features are SIFT features, and rerank matcher '
-                             f'{config.matcher} extracts its own from the map images')
+        stored_matcher = getattr(stored, 'matcher', 'sift')
+        if stored is not None and stored_matcher != config.matcher:
+            raise InputError(f'the stored map features are {stored_matcher} features, and '
+                             f'rerank matcher {config.matcher} matches its own')
         self.matcher = make_matcher(config)
         self.config = config
         self.load_image = load_image

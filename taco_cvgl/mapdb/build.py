@@ -4,8 +4,9 @@ Building a map: embed GPS-tagged images into a database file, with their verific
 `build_db` reads the images (a CSV, EXIF GPS tags or a rosbag2), embeds them (in one process or
 several, mapdb.distributed_db), saves the database with the calibration it was given (ground
 pixel size, grid spacing, covariance scale: `MapCalibration`) and writes the images'
-verification features beside it (mapdb.map_features); `add_features` writes the features of a
-database built before.
+verification features beside it (mapdb.map_features), one file per point matcher asked for
+(`feature_matchers`: SIFT by default, ALIKED or DISK for the learned matchers); `add_features`
+writes the features of a database built before.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import math
 import os
 from pathlib import Path
 import sys
-from typing import Iterable, Optional, Tuple, TYPE_CHECKING
+from typing import Iterable, List, Optional, Sequence, Tuple, TYPE_CHECKING
 
 from taco_cvgl.errors import InputError
-from taco_cvgl.localization.rerank import RerankConfig
+from taco_cvgl.localization.rerank import MATCHERS, RerankConfig
 from taco_cvgl.mapdb.map_calibration import MapCalibration
 
 if TYPE_CHECKING:   # torch loads in seconds: not before it is needed
@@ -31,7 +32,8 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
              every: int = 1, devices: int = 1, accelerator: str = 'auto', num_nodes: int = 1,
              strategy: str = 'auto', workers: Optional[int] = None, features: bool = True,
              max_features: int = RerankConfig.max_features,
-             calibration: Optional[MapCalibration] = None) -> Optional[EmbeddingDatabase]:
+             calibration: Optional[MapCalibration] = None,
+             matchers: Sequence[str] = ('sift',)) -> Optional[EmbeddingDatabase]:
     """
     Build and save a database from images + CSV, images with EXIF GPS, or a rosbag2.
 
@@ -47,8 +49,9 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
     processes per process. The merged database is the single-process one; only the process that
     wrote it gets it back, the others get None.
 
-    features: then write the images' SIFT features (max_features per image) beside the database
-    (map_features.features_path); a features file of the database replaced is removed either way.
+    features: then write the images' features beside the database, one file per matcher of
+    `matchers` (map_features.features_path; SIFT keeps max_features per image, a learned
+    matcher its own number); the features files of the database replaced are removed either way.
 
     calibration: the map's record to store (build_calibration: --gsd-m, --grid-spacing-m,
     --covariance-scale); without a grid spacing the places' own is measured and recorded.
@@ -60,6 +63,7 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
     check_count('--batch-size', batch_size)
     check_count('--every', every)
     check_features(max_features)
+    matchers = feature_matchers(matchers)
     _check_out(out, (weights, csv, bag), bag is not None)
     device, plan = plan_processes(device, precision, devices, accelerator, num_nodes, strategy,
                                   workers)
@@ -84,7 +88,7 @@ def build_db(out, weights, images=None, csv=None, device: str = 'auto',
                             progress=progress, source=str(csv or images), on_skip=report_skip)
         _save(db, out, dtype, weights, calibration)
     if db is not None:
-        _replace_features(db, out, features, max_features, progress)
+        _replace_features(db, out, matchers if features else (), max_features, progress)
     return db
 
 
@@ -121,16 +125,20 @@ def _save(db: EmbeddingDatabase, out: Path, dtype: str, weights,
 
 
 def add_features(db_path, max_features: int = RerankConfig.max_features,
-                 progress: bool = True) -> Tuple[Path, int]:
+                 progress: bool = True, matchers: Sequence[str] = ('sift',)
+                 ) -> Tuple[List[Path], int]:
     """
     Write the verification features of the database at db_path beside it, from its images.
 
-    Returns the path written and the number of database entries it covers.
+    One file per matcher of `matchers` (feature_matchers); the others' files are left as they
+    are. Returns the paths written and the number of database entries they cover.
     """
     from taco_cvgl.mapdb.database import EmbeddingDatabase
     check_features(max_features)
+    matchers = feature_matchers(matchers)
     db = EmbeddingDatabase.load(db_path)
-    return _write_features(db, Path(db_path), max_features, progress), len(db)
+    return [_write_features(db, Path(db_path), max_features, progress, matcher)
+            for matcher in matchers], len(db)
 
 
 def check_features(max_features) -> None:
@@ -140,31 +148,52 @@ def check_features(max_features) -> None:
                          f'{max_features!r}')
 
 
-def _replace_features(db: EmbeddingDatabase, out: Path, features: bool, max_features: int,
-                      progress: bool) -> None:
-    """Remove the features file of the database just replaced; write the new one if asked."""
+def feature_matchers(values: Optional[Iterable[str]]) -> Tuple[str, ...]:
+    """
+    Return the matchers whose features files to write, from --matcher's values (default sift).
+
+    Each value is a matcher or a comma-separated list of them; repeats count once. A learned
+    matcher must be installed (InputError saying how, before any work).
+    """
+    values = ['sift'] if values is None else [values] if isinstance(values, str) else values
+    names = [name.strip() for value in values for name in str(value).split(',')]
+    unknown = [name for name in names if name not in MATCHERS]
+    if unknown or not names:
+        raise InputError(f'--matcher takes {", ".join(MATCHERS)} (repeated or comma-separated), '
+                         f'got {", ".join(map(repr, unknown or names)) or "nothing"}')
+    from taco_cvgl.mapdb.map_features import detector_name
+    for name in names:
+        detector_name(name)
+    return tuple(dict.fromkeys(names))
+
+
+def _replace_features(db: EmbeddingDatabase, out: Path, matchers: Sequence[str],
+                      max_features: int, progress: bool) -> None:
+    """Remove the features files of the database just replaced; write those of `matchers`."""
     from taco_cvgl.mapdb.map_features import features_path
-    stale = features_path(out)
-    if stale.exists():      # it belongs to the previous database: the localizer would refuse it
-        try:
-            stale.unlink()
-        except OSError as exc:
-            raise InputError(f'wrote {out}, but cannot remove {stale}, the features of the '
-                             f'database it replaced: {exc.strerror or exc}; remove it') from None
-    if features:
-        _write_features(db, out, max_features, progress)
+    for stale in (features_path(out, matcher) for matcher in MATCHERS):
+        if stale.exists():  # it belongs to the previous database: the localizer would refuse it
+            try:
+                stale.unlink()
+            except OSError as exc:
+                raise InputError(f'wrote {out}, but cannot remove {stale}, the features of the '
+                                 f'database it replaced: {exc.strerror or exc}; remove '
+                                 f'it') from None
+    for matcher in matchers:
+        _write_features(db, out, max_features, progress, matcher)
 
 
 def _write_features(db: EmbeddingDatabase, db_path: Path, max_features: int,
-                    progress: bool) -> Path:
-    """Write the features file of a saved database, naming both files in any failure."""
+                    progress: bool, matcher: str) -> Path:
+    """Write matcher's features file of a saved database, naming both files in any failure."""
     from taco_cvgl.mapdb.map_features import features_path, write_features
     try:
-        return write_features(db, db_path, max_features, progress)
+        return write_features(db, db_path, max_features, progress, matcher=matcher)
     except (InputError, OSError) as exc:
         why = exc if isinstance(exc, InputError) else (exc.strerror or exc)
-        raise InputError(f'cannot write the features of {db_path} to {features_path(db_path)}: '
-                         f'{why}; {db_path} itself is complete') from None
+        raise InputError(f'cannot write the {matcher} features of {db_path} to '
+                         f'{features_path(db_path, matcher)}: {why}; {db_path} itself is '
+                         f'complete') from None
 
 
 def _check_out(out: Path, inputs: Iterable, from_bag: bool) -> None:

