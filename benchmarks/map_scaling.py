@@ -32,7 +32,8 @@ embedding came from: a distractor among the candidates costs a real SIFT check a
 (unless that tile overlaps the camera's view). A fix on a distractor is counted.
 
 Memory per entry: the embedding as the database stores it (fp16) plus the search index (exact:
-its fp32 or fp16 copy of the matrix; faiss: the serialised index). The reranker's feature cache
+its fp32 or fp16 copy of the matrix and any low-precision first-pass copies; faiss: the
+serialised index). The reranker's feature cache
 is bounded (RerankConfig.cache_size entries), not per entry, and not counted.
 
     python benchmarks/map_scaling.py --weights demo_out/train/weights.safetensors \
@@ -411,10 +412,10 @@ def summarize(rows: List[Dict]) -> Dict:
 
 # ------------------------------------------------------------------------------ maps measured
 def index_bytes(index) -> Optional[int]:
-    """Return the bytes a search index holds (exact: its matrix; faiss: serialised)."""
-    matrix = getattr(index, 'matrix', None)
-    if matrix is not None:
-        return int(matrix.element_size() * matrix.nelement())
+    """Return the bytes a search index holds (exact: its matrices; faiss: serialised)."""
+    held = getattr(index, 'nbytes', None)
+    if held is not None:
+        return held
     inner = getattr(index, 'index', None)
     if inner is not None:
         import faiss

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from taco_cvgl.errors import InputError
 from taco_cvgl.mapdb.search import ExactIndex, FaissIndex, make_index
+import torch
 
 
 def recall_at_k(found, truth, k):
@@ -31,6 +32,34 @@ def test_exact_index_equals_brute_force_across_chunks():
     found_small, sims_small = index.search(queries, 10)
     assert np.array_equal(found_small, truth)
     assert np.allclose(sims_small, truth_sims, atol=1e-5)
+
+
+def test_the_bfloat16_first_pass_gives_the_fp32_answer_among_near_copies():
+    # 300 places, each with 20 near-copies (cosine about 0.995 to their place): their scores
+    # differ by less than bfloat16's rounding, so a bfloat16 ranking alone gets them wrong.
+    rng = np.random.default_rng(11)
+    places = unit_rows(300, 128, 9)
+    copies = np.repeat(places, 20, axis=0) + 0.01 * rng.normal(size=(6000, 128))
+    db = (copies / np.linalg.norm(copies, axis=1, keepdims=True)).astype(np.float32)
+    queries = db[rng.choice(6000, 30, replace=False)] + 0.02 * unit_rows(30, 128, 10)
+    truth, truth_sims = brute_force_topk(queries, db, 10)
+    rounded = torch.tensor(db).bfloat16().double().numpy() @ \
+        torch.tensor(queries).bfloat16().double().numpy().T
+    assert not np.array_equal(np.argsort(-rounded.T, axis=1)[:, :10], truth)
+    for kind in (torch.bfloat16, torch.float16):
+        index = ExactIndex(db, 'cpu', coarse=kind)
+        assert index.first_pass['one'].dtype == index.first_pass['many'].dtype == kind
+        assert index.nbytes == 6000 * 128 * (4 + 2)       # one copy serves both
+        for max_block in (ExactIndex.max_block, 30 * 700):     # one block, then nine
+            index.max_block = max_block
+            found, sims = index.search(queries, 10)
+            assert np.array_equal(found, truth), kind
+            assert np.allclose(sims, truth_sims, atol=1e-5)
+            for row in (0, 17):                             # one query: the 'one' copy
+                alone, _ = index.search(queries[row], 10)
+                assert np.array_equal(alone[0], truth[row])
+    # Small maps skip it: their fp32 search takes microseconds.
+    assert ExactIndex(db, 'cpu').first_pass == {}
 
 
 def test_hnsw_recall_is_high():
