@@ -189,8 +189,8 @@ class CVGLLocalizer:
         self.database: Optional[EmbeddingDatabase] = None
         self.index = None
         self.reranker: Optional[Reranker] = None
-        self._enu = None          # database places in a local ENU frame (for the prior)
-        self._places: Optional[PlaceGrid] = None   # the same places, bucketed for the gate
+        # The database places in a local ENU frame (.enu), bucketed for the prior's gate.
+        self._places: Optional[PlaceGrid] = None
         self.track = ConstantVelocityTrack(config.track_config())
         self.upgrade = None       # the thread compiling a faster backend (from_settings)
         self._fingerprint = model.fingerprint()
@@ -278,10 +278,9 @@ class CVGLLocalizer:
         except InputError as exc:
             raise InputError(f'database {path}: its calibration: {exc}') from None
         self._estimator = self._scaled_estimator()
-        self._enu = to_enu(*self._origin, db.latitude, db.longitude)
         spacing = float(db.grid_spacing_m or 0.0)
-        self._places = PlaceGrid(self._enu, 4.0 * spacing if math.isfinite(spacing) and
-                                 spacing > 0 else PLACE_CELL_M)
+        cell_m = 4.0 * spacing if math.isfinite(spacing) and spacing > 0 else PLACE_CELL_M
+        self._places = PlaceGrid(to_enu(*self._origin, db.latitude, db.longitude), cell_m)
         self.track.reset()
         return db
 
@@ -535,7 +534,7 @@ class CVGLLocalizer:
         # Only the places in the gate's bounding box can be inside it (3 sigma on each axis).
         reach = 3.0 * np.sqrt(np.diag(gate))
         boxed = self._places.within(mean - reach, mean + reach)
-        distance_sq = mahalanobis_sq(self._enu[boxed] - mean, gate[None])
+        distance_sq = mahalanobis_sq(self._places.enu[boxed] - mean, gate[None])
         seen = set(checked)
         near = [int(boxed[j])
                 for j in np.argsort(distance_sq, kind='stable')[:config.prior_candidates]
@@ -558,7 +557,7 @@ class CVGLLocalizer:
         """
         mean, covariance = prediction
         half = 0.5 * float(self.database.grid_spacing_m or 0.0)
-        distance_sq = mahalanobis_sq(self._enu[idx] - mean,
+        distance_sq = mahalanobis_sq(self._places.enu[idx] - mean,
                                      (covariance + half ** 2 * np.eye(2))[None])
         score = np.array([m.similarity for m in matches]) / \
             self.config.prior_similarity_temperature - 0.5 * distance_sq
