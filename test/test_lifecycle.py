@@ -15,6 +15,7 @@ import hashlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -304,9 +305,13 @@ def test_an_override_that_cannot_apply_refuses_the_start(small_map):
             '-p', 'qos_overrides./image.subscription.depth:=deep']
     context = rclpy.Context()
     rclpy.init(args=argv, context=context, domain_id=int(new_domain()))
+    before = set(threading.enumerate())
     try:
         with pytest.raises(InputError, match='topic /image: a qos_overrides parameter cannot '
                                              'be applied'):
             CVGLNode(argv, context=context)
     finally:
         rclpy.shutdown(context=context)
+    # The map loaded before the refusal (fast_path auto, int8 not cached): no int8 compiler
+    # was left running in a process that refused to start.
+    assert [t.name for t in set(threading.enumerate()) - before] == []

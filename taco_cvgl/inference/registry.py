@@ -150,9 +150,14 @@ def check_runner(runner, request: BuildRequest) -> float:
 
 
 def upgrade_in_background(model, calibration_images: Sequence, install: Callable[[Embedder], None],
-                          report: Callable[[str], None], cache_dir=None) -> threading.Thread:
+                          report: Callable[[str], None], cache_dir=None,
+                          start: bool = True) -> threading.Thread:
     """
     Compile the int8 backend in a daemon thread; hand it to `install` once built and checked.
+
+    start=False returns the thread unstarted, for a caller that starts it once it is sure to
+    run (the node: when it has started; a compiler left running in a process that refused to
+    start races its exit).
 
     For a long-running localizer (the node) that started on a quicker backend because int8
     was not cached: frames keep flowing meanwhile, and the next start loads the package from
@@ -176,5 +181,6 @@ def upgrade_in_background(model, calibration_images: Sequence, install: Callable
                f'and cached for the next start')
 
     thread = threading.Thread(target=run, name='taco-cvgl-int8-build', daemon=True)
-    thread.start()
+    if start:
+        thread.start()
     return thread

@@ -212,8 +212,9 @@ class CVGLLocalizer:
         What the node, `taco-cvgl localize` and `evaluate` all call. Errors name the setting
         and the file. fast_path auto takes int8 only when its package is cached; otherwise it
         starts on the next backend of the chain and, with report_upgrade (a callable taking a
-        message: a long-running caller such as the node), compiles int8 in the background and
-        switches to it, so that a start never waits minutes for a compiler.
+        message: a long-running caller such as the node), prepares the thread that compiles
+        int8 in the background and switches to it, so that a start never waits minutes for a
+        compiler: `upgrade`, which the caller starts (`upgrade.start()`) once it has started.
         """
         from taco_cvgl.localization.settings import localizer_config
 
@@ -254,7 +255,7 @@ class CVGLLocalizer:
                 from taco_cvgl.inference.registry import upgrade_in_background
                 localizer.upgrade = upgrade_in_background(
                     model, calibration, lambda embedder: setattr(localizer, 'model', embedder),
-                    report_upgrade)
+                    report_upgrade, start=False)
         localizer.warm_up()
         return localizer
 

@@ -229,10 +229,13 @@ class CVGLCore(FrameWork, RuntimeChanges, Diagnostics):
         return topic
 
     def _start_worker(self) -> None:
-        """Start the worker thread that localizes the frames."""
+        """Start the worker thread that localizes the frames, then any int8 build waiting."""
         self._stop.clear()
         self._worker = threading.Thread(target=self._run, name='cvgl_worker', daemon=True)
         self._worker.start()
+        upgrade = self.localizer.upgrade
+        if upgrade is not None and upgrade.ident is None:   # not started: every check passed
+            upgrade.start()
 
     def _release(self) -> None:
         """Forget the localizer (model, map) and any map or change waiting for the worker."""
