@@ -218,7 +218,7 @@ class AliasedStore:
     def __init__(self, real_store, tiles: np.ndarray):
         """real_store: the real map's stored features; tiles[i]: the real tile of entry i."""
         self.real_store, self.tiles = real_store, tiles
-        self.matcher = getattr(real_store, 'matcher', 'sift')     # whose features they are
+        self.matcher = real_store.matcher     # whose features they are (the reranker asks)
 
     def __len__(self) -> int:
         """Return the number of entries of the grown map."""

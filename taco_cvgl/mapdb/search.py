@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = ('auto', 'exact', 'hnsw', 'ivfpq')
 # 'auto' switches to an approximate index above this many entries on the CPU.
 AUTO_APPROXIMATE_ABOVE = 200_000
-# An exact CPU index over at least this many entries scores them in bfloat16 first, when that
-# is the faster product on the machine (below, the fp32 search takes a few milliseconds).
+# An exact CPU index over at least this many entries scores them in fp16 or bfloat16 first,
+# where that is the faster product on the machine (below, the fp32 search takes a few ms).
 COARSE_MIN_ENTRIES = 16_384
-# Bound on |bfloat16 score - fp32 score| per unit of |query| * largest |entry|: query and entry
+# Bound on |low-precision score - fp32 score| per unit of |query| * largest |entry|, worked out
+# for bfloat16 (fp16 rounds less, so it holds for fp16 too): query and entry
 # rounded to bfloat16 (unit roundoff 2^-8 each, so 2 * 2^-8 + 2^-16 on the product), the score
 # rounded once more (2^-8), the sum accumulated in fp32 (512 terms: about 3e-5). 3 * 2^-8 +
 # 2^-16 + 3e-5 < 0.0118; doubled for margin. Largest error seen on the demo map: 0.0023.
@@ -90,9 +91,9 @@ class ExactIndex:
         k = min(int(k), len(self))
         chunk = max(1, self.max_block // max(1, q.shape[0]))
         best_val, best_idx = None, None
+        copy = self.first_pass.get('one' if len(q) == 1 else 'many')
         for start in range(0, len(self), chunk):
             block = slice(start, start + chunk)
-            copy = self.first_pass.get('one' if len(q) == 1 else 'many')
             if copy is None:
                 sim = q @ self.matrix[block].T
                 val, idx = torch.topk(sim, min(k, sim.shape[1]), dim=1)
